@@ -178,8 +178,8 @@ class L2AEDetector:
     and score the next records:
 
     >>> from stream_l2ae.datasets import load_dataset
-    >>> shuttle = load_dataset("shuttle", limit=6000)
-    >>> train, test = shuttle.split(4000)
+    >>> shuttle = load_dataset("shuttle", limit=12000)
+    >>> train, test = shuttle.split(10000)
     >>> detector = L2AEDetector(epochs=3, n_clusters=5, n_init=2, progress=False).fit(train)
     >>> scores = detector.score_samples(test)
     >>> from stream_l2ae.evaluation import roc_auc
