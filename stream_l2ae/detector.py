@@ -180,7 +180,7 @@ class L2AEDetector:
     >>> from stream_l2ae.datasets import load_dataset
     >>> shuttle = load_dataset("shuttle", limit=12000)
     >>> train, test = shuttle.split(10000)
-    >>> detector = L2AEDetector(epochs=3, n_clusters=5, n_init=2, progress=False).fit(train)
+    >>> detector = L2AEDetector(epochs=5, n_clusters=10, n_init=2, progress=False).fit(train)
     >>> scores = detector.score_samples(test)
     >>> from stream_l2ae.evaluation import roc_auc
     >>> roc_auc(test.y, scores) > 0.9
@@ -235,6 +235,7 @@ class L2AEDetector:
         self, X: np.ndarray, weight: np.ndarray | None, description: str
     ) -> tuple[L2AutoEncoder, TrainingHistory, torch.Tensor]:
         c = self.config
+        torch.manual_seed(c.seed)  # weight initialisation, so that a fit is reproducible
         model = L2AutoEncoder(self._model_config(tuple(X.shape[1:])))
         history = train_autoencoder(
             model, X, epochs=c.epochs, batch_size=c.batch_size, learning_rate=c.learning_rate,
