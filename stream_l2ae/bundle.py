@@ -52,7 +52,7 @@ import uuid
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -487,7 +487,7 @@ def _commit_staging(
     """Write the manifest and rename ``staging`` to its version name; call under the lock."""
     for _ in range(_MAX_COMMIT_ATTEMPTS):
         sequence = _next_sequence(versions_dir)
-        now = datetime.now(timezone.utc)
+        now = datetime.now(UTC)
         name = explicit_version or f"v{sequence:06d}-{now.strftime('%Y%m%dT%H%M%SZ')}"
         manifest = {
             "format": BUNDLE_FORMAT,

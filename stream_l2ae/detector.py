@@ -238,8 +238,15 @@ class L2AEDetector:
         torch.manual_seed(c.seed)  # weight initialisation, so that a fit is reproducible
         model = L2AutoEncoder(self._model_config(tuple(X.shape[1:])))
         history = train_autoencoder(
-            model, X, epochs=c.epochs, batch_size=c.batch_size, learning_rate=c.learning_rate,
-            sample_weight=weight, seed=c.seed, device=self.device, progress=self.progress,
+            model,
+            X,
+            epochs=c.epochs,
+            batch_size=c.batch_size,
+            learning_rate=c.learning_rate,
+            sample_weight=weight,
+            seed=c.seed,
+            device=self.device,
+            progress=self.progress,
             description=description,
         )
         z, _ = embed(model, X)
@@ -283,8 +290,10 @@ class L2AEDetector:
             )
         self.model = model
         self.online = OnlineCentroids(
-            clusters.centroids, half_life=c.online_half_life,
-            prior_weight=c.online_prior_weight, device=self.device,
+            clusters.centroids,
+            half_life=c.online_half_life,
+            prior_weight=c.online_prior_weight,
+            device=self.device,
         )
         training_scores = score_embeddings(z, self.online.centroids_tensor())
         self.threshold = QuantileThreshold(alert_rate=c.alert_rate).fit(training_scores.score)

@@ -37,7 +37,9 @@ class RecordError(StreamL2AEError, ValueError):
 
     def __init__(self, field: str | None, reason: str, detail: str) -> None:
         if reason not in self.REASONS:
-            raise ValueError(f"unknown RecordError reason {reason!r}; expected one of {self.REASONS}")
+            raise ValueError(
+                f"unknown RecordError reason {reason!r}; expected one of {self.REASONS}"
+            )
         self.field = field
         self.reason = reason
         self.detail = detail

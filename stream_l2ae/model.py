@@ -97,7 +97,7 @@ class AutoEncoderConfig:
 
 def _dense_stack(widths: list[int], final_activation: bool) -> nn.Sequential:
     layers: list[nn.Module] = []
-    for i, (n_in, n_out) in enumerate(zip(widths[:-1], widths[1:])):
+    for i, (n_in, n_out) in enumerate(zip(widths[:-1], widths[1:], strict=True)):
         layers.append(nn.Linear(n_in, n_out))
         if i < len(widths) - 2 or final_activation:
             layers.append(nn.ReLU())
@@ -110,7 +110,7 @@ class _ConvEncoder(nn.Module):
         kernels = [5] * (len(channels) - 1) + [3]
         layers: list[nn.Module] = []
         c_in = input_shape[0]
-        for c_out, k in zip(channels, kernels):
+        for c_out, k in zip(channels, kernels, strict=True):
             layers += [nn.Conv2d(c_in, c_out, k, stride=2, padding=k // 2), nn.ReLU()]
             c_in = c_out
         self.features = nn.Sequential(*layers)
@@ -130,7 +130,9 @@ class _ConvEncoder(nn.Module):
 
 
 class _ConvDecoder(nn.Module):
-    def __init__(self, encoder: _ConvEncoder, out_channels: int, channels: tuple[int, ...], dim: int):
+    def __init__(
+        self, encoder: _ConvEncoder, out_channels: int, channels: tuple[int, ...], dim: int
+    ):
         super().__init__()
         self.feature_shape = encoder.feature_shape
         self.output_sizes = list(reversed(encoder.spatial_sizes[:-1]))
@@ -139,12 +141,12 @@ class _ConvDecoder(nn.Module):
         chans = list(reversed(channels)) + [out_channels]
         self.deconvs = nn.ModuleList(
             nn.ConvTranspose2d(c_in, c_out, k, stride=2, padding=k // 2)
-            for c_in, c_out, k in zip(chans[:-1], chans[1:], kernels)
+            for c_in, c_out, k in zip(chans[:-1], chans[1:], kernels, strict=True)
         )
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         h = torch.relu(self.expand(z)).view(-1, *self.feature_shape)
-        for i, (deconv, size) in enumerate(zip(self.deconvs, self.output_sizes)):
+        for i, (deconv, size) in enumerate(zip(self.deconvs, self.output_sizes, strict=True)):
             h = deconv(h, output_size=list(size))
             if i < len(self.deconvs) - 1:
                 h = torch.relu(h)

@@ -87,7 +87,9 @@ class OnlineCentroids:
     ) -> None:
         initial = np.asarray(initial_centroids, dtype=np.float64)
         if initial.ndim != 2 or len(initial) == 0:
-            raise ConfigError(f"initial_centroids must be a (k, d) array, got shape {initial.shape}")
+            raise ConfigError(
+                f"initial_centroids must be a (k, d) array, got shape {initial.shape}"
+            )
         if not half_life > 0:
             raise ConfigError(f"half_life must be > 0, got {half_life!r}")
         if not prior_weight >= 0:

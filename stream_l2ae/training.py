@@ -1,4 +1,4 @@
-"""Mini-batch training of the auto-encoder: seeded, batched, bf16 autocast on CUDA, with progress."""
+"""Mini-batch training of the auto-encoder: seeded, batched, bf16 autocast on CUDA."""
 
 from __future__ import annotations
 
@@ -135,7 +135,12 @@ def train_autoencoder(
         history.samples_per_second.append(n / max(elapsed, 1e-9))
         log.info(
             "%s epoch %d/%d loss %.5f (%.0f samples/s on %s)",
-            description, epoch + 1, epochs, epoch_loss, history.samples_per_second[-1], device,
+            description,
+            epoch + 1,
+            epochs,
+            epoch_loss,
+            history.samples_per_second[-1],
+            device,
         )
         if progress:
             tqdm.write(

@@ -1,0 +1,420 @@
+"""Scoring throughput of :class:`~stream_l2ae.detector.L2AEDetector` on the CPU, against river.
+
+What is measured
+----------------
+All figures are records per second on the CPU, over river's Shuttle stream (49,097 records,
+``f1`` .. ``f9``), in one run so that they share the machine's state:
+
+* ``ours: full path`` -- ``detector.score_batch(records)`` on batches of record dicts
+  (``--batch-size``, 1024 by default): feature mapping, encoder, cosine score against the
+  centroids and the threshold, everything the consumer daemon does per batch.
+* ``ours: model path`` -- ``detector.embed(X)`` then ``detector.score_embeddings(z)`` on batches
+  of a feature array built beforehand: the torch part alone.
+* ``ours: full path, batch 1`` -- ``score_batch([record])`` one record at a time
+  (``--latency-records`` of them): the per-event cost, for comparison with river's ``score_one``.
+
+Each of our figures is taken with torch's default number of intra-op threads and again with
+``torch.set_num_threads(1)`` (a single-core figure). Each is the best and the median of
+``--repeats`` passes over all the records, after ``--warmup`` passes that are not timed.
+
+The baseline is river's ``anomaly.HalfSpaceTrees`` with default parameters, with a
+``preprocessing.MinMaxScaler`` in front as river's documentation recommends, and without it
+(HalfSpaceTrees then assumes every feature lies in [0, 1], which Shuttle's do not):
+
+* ``learn_one`` over the first ``--river-records`` records, on a fresh model each pass;
+* ``score_one`` over the same records, with the model that has learned them (a
+  HalfSpaceTrees model scores 0 without looking at the record until its first window is full,
+  so scoring a fresh model would flatter river).
+
+A prequential stream pays both, so its rate is ``1 / (1/score + 1/learn)``. The headline ratio is
+our full path (default threads, median) over river's scaled ``score_one`` (median); the goal is
+at least 20x.
+
+A stage breakdown of the full path (feature mapping, encoder, scoring, threshold) in microseconds
+per record closes the report.
+
+How to run
+----------
+::
+
+    python bench/scoring_throughput.py                      # train a quick model, then measure
+    python bench/scoring_throughput.py --model models/shuttle --json runs/throughput.json
+
+The detector is trained with the default configuration for Shuttle-sized records (the small
+dense network), on the CPU, for ``--epochs`` epochs (2 by default: accuracy does not matter for
+timing). The whole run takes well under two minutes on two cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import logging
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from stream_l2ae import __version__
+from stream_l2ae.datasets import load_dataset
+from stream_l2ae.detector import L2AEDetector
+
+Record = dict[str, Any]
+
+#: The goal stated in the issue: our full path at least this many times river's ``score_one``.
+GOAL_RATIO = 20.0
+
+
+@dataclass
+class Measurement:
+    """Timed passes of one workload; ``rate`` figures are records per second."""
+
+    name: str
+    n_records: int
+    batch_size: int | None
+    threads: int | None
+    seconds: list[float] = field(default_factory=list)
+
+    @property
+    def best_rate(self) -> float:
+        return self.n_records / min(self.seconds)
+
+    @property
+    def median_rate(self) -> float:
+        return self.n_records / statistics.median(self.seconds)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            **asdict(self),
+            "best_records_per_s": self.best_rate,
+            "median_records_per_s": self.median_rate,
+        }
+
+
+def time_passes(run_pass: Callable[[], object], *, repeats: int, warmup: int) -> list[float]:
+    """Wall-clock seconds of ``repeats`` calls of ``run_pass``, after ``warmup`` untimed calls."""
+    for _ in range(warmup):
+        run_pass()
+    seconds = []
+    for _ in range(repeats):
+        gc.collect()
+        started = time.perf_counter()
+        run_pass()
+        seconds.append(time.perf_counter() - started)
+    return seconds
+
+
+def chunks(items: Sequence[Any], size: int) -> list[Sequence[Any]]:
+    return [items[start : start + size] for start in range(0, len(items), size)]
+
+
+# --------------------------------------------------------------------------------------------
+# Our detector
+# --------------------------------------------------------------------------------------------
+
+
+def get_detector(records: list[Record], args: argparse.Namespace) -> L2AEDetector:
+    """Load ``--model`` on the CPU, or train a detector with the default Shuttle configuration."""
+    if args.model is not None:
+        print(f"loading model {args.model}")
+        return L2AEDetector.load(args.model, device="cpu")
+    train = records if args.train_records is None else records[: args.train_records]
+    print(f"training a detector on {len(train):,} records, {args.epochs} epoch(s), CPU ...")
+    started = time.perf_counter()
+    detector = L2AEDetector(epochs=args.epochs, device="cpu", progress=False).fit(train)
+    print(f"  trained in {time.perf_counter() - started:.1f} s")
+    return detector
+
+
+def measure_ours(
+    detector: L2AEDetector, records: list[Record], args: argparse.Namespace, threads: int
+) -> list[Measurement]:
+    """Full path, model path and batch-1 latency of our detector with ``threads`` torch threads."""
+    torch.set_num_threads(threads)
+    batches = chunks(records, args.batch_size)
+    X, _, _ = detector.features(records)
+    feature_batches = chunks(X, args.batch_size)
+    single = records[: args.latency_records]
+
+    def full_path() -> None:
+        for batch in batches:
+            detector.score_batch(batch)
+
+    def model_path() -> None:
+        for batch in feature_batches:
+            detector.score_embeddings(detector.embed(batch))
+
+    def batch_of_one() -> None:
+        for record in single:
+            detector.score_batch([record])
+
+    timed = [
+        ("ours: full path (score_batch)", full_path, len(records), args.batch_size),
+        ("ours: model path (embed+score)", model_path, len(X), args.batch_size),
+    ]
+    if single:
+        timed.append(("ours: full path, batch 1", batch_of_one, len(single), 1))
+    results = []
+    for name, run_pass, n, batch_size in timed:
+        seconds = time_passes(run_pass, repeats=args.repeats, warmup=args.warmup)
+        results.append(Measurement(name, n, batch_size, threads, seconds))
+    return results
+
+
+def stage_breakdown(
+    detector: L2AEDetector, records: list[Record], batch_size: int, repeats: int
+) -> dict[str, float]:
+    """Microseconds per record spent in each stage of ``score_batch``, over ``repeats`` passes."""
+    totals = dict.fromkeys(("features", "embed", "score", "threshold"), 0.0)
+    batches = chunks(records, batch_size)
+    threshold = detector.threshold.value
+    for _ in range(repeats):
+        for batch in batches:
+            t0 = time.perf_counter()
+            X, _, _ = detector.features(batch)
+            t1 = time.perf_counter()
+            z = detector.embed(X)
+            t2 = time.perf_counter()
+            scores = detector.score_embeddings(z)
+            t3 = time.perf_counter()
+            _ = scores.score > threshold
+            t4 = time.perf_counter()
+            totals["features"] += t1 - t0
+            totals["embed"] += t2 - t1
+            totals["score"] += t3 - t2
+            totals["threshold"] += t4 - t3
+    n = repeats * len(records)
+    return {stage: 1e6 * seconds / n for stage, seconds in totals.items()}
+
+
+# --------------------------------------------------------------------------------------------
+# river baseline
+# --------------------------------------------------------------------------------------------
+
+
+def make_river_model(scaled: bool) -> Any:
+    from river import anomaly, preprocessing
+
+    model = anomaly.HalfSpaceTrees()
+    return preprocessing.MinMaxScaler() | model if scaled else model
+
+
+def measure_river(
+    records: list[Record], *, scaled: bool, repeats: int, warmup: int
+) -> list[Measurement]:
+    """``learn_one`` (fresh model per pass) and ``score_one`` (trained model) of HalfSpaceTrees."""
+    label = "river: HST" + (" + MinMaxScaler" if scaled else " (no scaler)")
+    models: list[Any] = []
+
+    def learn_pass() -> None:
+        model = make_river_model(scaled)
+        for record in records:
+            model.learn_one(record)
+        models.append(model)
+
+    learn_seconds = time_passes(learn_pass, repeats=repeats, warmup=min(warmup, 1))
+    trained = models[-1]
+
+    def score_pass() -> None:
+        for record in records:
+            trained.score_one(record)
+
+    score_seconds = time_passes(score_pass, repeats=repeats, warmup=warmup)
+    return [
+        Measurement(f"{label} score_one", len(records), None, None, score_seconds),
+        Measurement(f"{label} learn_one", len(records), None, None, learn_seconds),
+    ]
+
+
+# --------------------------------------------------------------------------------------------
+# Report
+# --------------------------------------------------------------------------------------------
+
+
+def machine_info(default_threads: int) -> dict[str, Any]:
+    import river
+
+    try:
+        usable_cpus: int | None = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        usable_cpus = None
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "python": sys.version.split()[0],
+        "cpu_count": os.cpu_count(),
+        "usable_cpus": usable_cpus,
+        "torch": torch.__version__,
+        "torch_default_threads": default_threads,
+        "torch_interop_threads": torch.get_num_interop_threads(),
+        "numpy": np.__version__,
+        "river": river.__version__,
+        "stream_l2ae": __version__,
+    }
+
+
+def print_table(measurements: list[Measurement]) -> None:
+    header = (
+        f"{'workload':<42} {'threads':>7} {'batch':>6} {'records':>8} "
+        f"{'best/s':>11} {'median/s':>11}"
+    )
+    print(header)
+    print("-" * len(header))
+    for m in measurements:
+        threads = "-" if m.threads is None else str(m.threads)
+        batch = "-" if m.batch_size is None else str(m.batch_size)
+        print(
+            f"{m.name:<42} {threads:>7} {batch:>6} {m.n_records:>8,} "
+            f"{m.best_rate:>11,.0f} {m.median_rate:>11,.0f}"
+        )
+
+
+def find(measurements: list[Measurement], name: str, threads: int | None) -> Measurement:
+    return next(m for m in measurements if m.name == name and m.threads == threads)
+
+
+def ratios(measurements: list[Measurement], default_threads: int) -> dict[str, float]:
+    """Median rates of our paths over river's ``score_one`` and prequential rates."""
+
+    def river_rates(scaled: bool) -> tuple[float, float]:
+        label = "river: HST" + (" + MinMaxScaler" if scaled else " (no scaler)")
+        score = find(measurements, f"{label} score_one", None).median_rate
+        learn = find(measurements, f"{label} learn_one", None).median_rate
+        return score, 1.0 / (1.0 / score + 1.0 / learn)
+
+    out = {}
+    for scaled, tag in ((True, "scaled"), (False, "unscaled")):
+        score, prequential = river_rates(scaled)
+        out[f"river_{tag}_prequential_records_per_s"] = prequential
+        for threads in sorted({default_threads, 1}):
+            ours = find(measurements, "ours: full path (score_batch)", threads).median_rate
+            out[f"full_{threads}t_over_river_{tag}_score_one"] = ours / score
+            out[f"full_{threads}t_over_river_{tag}_prequential"] = ours / prequential
+    return out
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--model", type=Path, help="score with this model bundle instead of training"
+    )
+    parser.add_argument("--epochs", type=int, default=2, help="training epochs (default 2)")
+    parser.add_argument(
+        "--train-records", type=int, help="train on the first N records (default: all)"
+    )
+    parser.add_argument("--batch-size", type=int, default=1024, help="scoring batch (default 1024)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed passes (default 5)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed passes first (default 1)")
+    parser.add_argument(
+        "--latency-records",
+        type=int,
+        default=2000,
+        help="records scored one at a time for the batch-1 figure (0: skip; default 2000)",
+    )
+    parser.add_argument(
+        "--river-records",
+        type=int,
+        default=20_000,
+        help="records for the river baseline (default 20000)",
+    )
+    parser.add_argument(
+        "--river-repeats", type=int, default=3, help="timed river passes (default 3)"
+    )
+    parser.add_argument("--json", type=Path, help="also write every figure to this JSON file")
+    args = parser.parse_args(argv)
+    for name in ("epochs", "batch_size", "repeats", "river_records", "river_repeats"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    for name in ("warmup", "latency_records"):
+        if getattr(args, name) < 0:
+            parser.error(f"--{name.replace('_', '-')} must be >= 0")
+    if args.train_records is not None and args.train_records < 10:
+        parser.error("--train-records must be >= 10 (one record per cluster)")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    started = time.perf_counter()
+    default_threads = torch.get_num_threads()
+
+    dataset = load_dataset("shuttle")
+    records = dataset.records
+    print(f"Shuttle: {len(records):,} records; torch threads by default: {default_threads}")
+    detector = get_detector(records, args)
+
+    measurements: list[Measurement] = []
+    for threads in sorted({default_threads, 1}, reverse=True):
+        print(f"timing our detector with {threads} torch thread(s) ...")
+        measurements += measure_ours(detector, records, args, threads)
+    torch.set_num_threads(default_threads)
+    stages = stage_breakdown(detector, records, args.batch_size, args.repeats)
+
+    river_records = records[: args.river_records]
+    for scaled in (True, False):
+        print(f"timing river HalfSpaceTrees{' + MinMaxScaler' if scaled else ''} ...")
+        measurements += measure_river(
+            river_records, scaled=scaled, repeats=args.river_repeats, warmup=args.warmup
+        )
+
+    print()
+    print_table(measurements)
+    summary = ratios(measurements, default_threads)
+    print()
+    for tag in ("scaled", "unscaled"):
+        rate = summary[f"river_{tag}_prequential_records_per_s"]
+        print(f"river {tag} prequential (score_one + learn_one): {rate:,.0f} records/s")
+    print()
+    total_us = sum(stages.values())
+    print(f"full path by stage, batch {args.batch_size}, {default_threads} thread(s):")
+    for stage, us in stages.items():
+        print(f"  {stage:<10} {us:7.3f} us/record  {100 * us / total_us:5.1f} %")
+    print()
+    headline = summary[f"full_{default_threads}t_over_river_scaled_score_one"]
+    verdict = "meets" if headline >= GOAL_RATIO else "is below"
+    for key, value in summary.items():
+        if "_over_" in key:
+            print(f"  {key:<44} {value:7.1f}x")
+    print(
+        f"ours/river (full path, {default_threads} thread(s), vs HST + MinMaxScaler score_one): "
+        f"{headline:.1f}x, which {verdict} the {GOAL_RATIO:.0f}x goal"
+    )
+    elapsed = time.perf_counter() - started
+    print(f"total run time {elapsed:.1f} s")
+
+    if args.json is not None:
+        report = {
+            "machine": machine_info(default_threads),
+            "settings": {
+                key: str(value) if isinstance(value, Path) else value
+                for key, value in vars(args).items()
+            },
+            "n_records": len(records),
+            "detector": {
+                "config": detector.config.to_dict(),
+                "model_config": detector.model.config.to_dict(),
+            },
+            "measurements": [m.to_dict() for m in measurements],
+            "stage_us_per_record": stages,
+            "ratios": summary,
+            "goal_ratio": GOAL_RATIO,
+            "seconds": elapsed,
+        }
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,74 @@
+"""Configuration: one TOML file, overridden by environment variables, overridden by flags.
+
+The file has one table per component; ``[detector]`` holds the fields of
+:class:`~stream_l2ae.detector.DetectorConfig` and ``[model]`` where bundles live::
+
+    [model]
+    dir = "models"
+    keep = 5
+
+    [detector]
+    n_clusters = 10
+    epochs = 20
+
+An environment variable ``STREAM_L2AE_<TABLE>__<KEY>`` overrides a key, e.g.
+``STREAM_L2AE_DETECTOR__EPOCHS=5``. Values are parsed as TOML values (``5``, ``0.01``,
+``true``, ``[64, 64]``), falling back to a plain string.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+ENV_PREFIX = "STREAM_L2AE_"
+
+DEFAULTS: dict[str, dict[str, Any]] = {
+    "model": {"dir": "models", "keep": 5},
+    "detector": {},
+}
+
+
+def _parse_env_value(text: str) -> Any:
+    try:
+        return tomllib.loads(f"value = {text}")["value"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def load_config(
+    path: str | Path | None = None, environ: Mapping[str, str] | None = None
+) -> dict[str, dict[str, Any]]:
+    """The merged configuration: defaults, then the file, then the environment.
+
+    Examples
+    --------
+    >>> config = load_config(environ={"STREAM_L2AE_DETECTOR__EPOCHS": "5"})
+    >>> config["detector"]["epochs"], config["model"]["dir"]
+    (5, 'models')
+    """
+    config = {table: dict(values) for table, values in DEFAULTS.items()}
+    if path is not None:
+        path = Path(path)
+        try:
+            loaded = tomllib.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file {str(path)!r} does not exist") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {str(path)!r} is not valid TOML: {exc}") from None
+        for table, values in loaded.items():
+            if not isinstance(values, dict):
+                raise ConfigError(f"{path}: top-level key {table!r} must be a table")
+            config.setdefault(table, {}).update(values)
+    environ = os.environ if environ is None else environ
+    for name, text in environ.items():
+        if not name.startswith(ENV_PREFIX) or "__" not in name[len(ENV_PREFIX) :]:
+            continue
+        table, key = name[len(ENV_PREFIX) :].lower().split("__", 1)
+        config.setdefault(table, {})[key] = _parse_env_value(text)
+    return config
