@@ -51,10 +51,10 @@ def _detector_config(args: argparse.Namespace) -> DetectorConfig:
 def _label_kind(y: np.ndarray | None) -> str | None:
     if y is None or len(y) == 0:
         return None
-    classes = np.unique(y)
-    if len(classes) <= 2 and set(classes.tolist()) <= {0, 1}:
+    classes = set(np.unique(y).tolist())
+    if classes == {0, 1}:
         return "anomaly"
-    return "class" if len(classes) > 1 else None
+    return "class" if len(classes) > 2 else None
 
 
 def _score_dataset(detector: L2AEDetector, data: Dataset) -> dict[str, Any]:

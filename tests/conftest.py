@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 
 import pytest
+import torch
 
 from stream_l2ae.datasets import Dataset, load_dataset
 from stream_l2ae.detector import L2AEDetector
@@ -25,6 +26,16 @@ TINY_CONV_SETTINGS = {
     "conv_channels": (4, 8, 8),
     "device": "cpu",
 }
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _single_torch_thread():
+    """Run torch on one thread: the test models are tiny, and on a busy two-core machine
+    intra-op threads spin against each other (a 0.2 s training run can then take 20 s)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="session")
