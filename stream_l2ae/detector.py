@@ -102,7 +102,7 @@ class DetectorConfig:
     def __post_init__(self) -> None:
         for name in ("n_clusters", "epochs", "batch_size", "n_init", "embedding_dim"):
             value = getattr(self, name)
-            if not isinstance(value, (int, np.integer)) or value < 1:
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
         for name in ("min_cluster_share", "trim_fraction"):
             value = getattr(self, name)
@@ -112,6 +112,10 @@ class DetectorConfig:
             raise ConfigError(f"alert_rate must be in (0, 1), got {self.alert_rate!r}")
         if not self.learning_rate > 0:
             raise ConfigError(f"learning_rate must be > 0, got {self.learning_rate!r}")
+        if not self.online_prior_weight >= 0:
+            raise ConfigError(
+                f"online_prior_weight must be >= 0, got {self.online_prior_weight!r}"
+            )
         if not self.online_half_life > 0:
             raise ConfigError(f"online_half_life must be > 0, got {self.online_half_life!r}")
         if self.hidden_units is not None:

@@ -70,8 +70,12 @@ class AutoEncoderConfig:
         object.__setattr__(self, "kind", kind)
         if self.embedding_dim < 2:
             raise ConfigError(f"embedding_dim must be >= 2, got {self.embedding_dim!r}")
-        if any(h <= 0 for h in self.hidden_units) or any(c <= 0 for c in self.conv_channels):
-            raise ConfigError("hidden_units and conv_channels must be positive")
+        if any(h <= 0 for h in self.hidden_units):
+            raise ConfigError(f"hidden_units must be positive, got {self.hidden_units!r}")
+        if any(c <= 0 for c in self.conv_channels):
+            raise ConfigError(f"conv_channels must be positive, got {self.conv_channels!r}")
+        if kind == CONV and not self.conv_channels:
+            raise ConfigError("a conv auto-encoder needs at least one conv_channels entry")
 
     @property
     def n_inputs(self) -> int:

@@ -137,10 +137,13 @@ class OnlineCentroids:
         return torch.as_tensor(self.centroids, dtype=torch.float32, device=self.device)
 
     def _combined(self) -> tuple[np.ndarray, np.ndarray]:
-        sums = self._sums.cpu().numpy().copy()
-        counts = self._counts.cpu().numpy().copy()
+        # Align everything to the newest clock: a replica that lags its peers must decay its
+        # own statistics forward too, or its records would weigh more than theirs.
+        reference = max([self.clock, *(peer.clock for peer in self.peers.values())])
+        local = self.statistics().decayed_to(reference, self.half_life)
+        sums, counts = local.sums, local.counts
         for peer in self.peers.values():
-            aligned = peer.decayed_to(self.clock, self.half_life)
+            aligned = peer.decayed_to(reference, self.half_life)
             sums += aligned.sums
             counts += aligned.counts
         return sums, counts
@@ -176,12 +179,13 @@ class OnlineCentroids:
             Clock value of this batch (e.g. its newest record timestamp in seconds). By default
             the clock counts records.
         """
-        z = unit_rows(torch.as_tensor(z, device=self.device).to(torch.float64))
+        z = torch.as_tensor(z, device=self.device).to(torch.float64)
         if z.ndim != 2 or z.shape[1] != self.initial_centroids.shape[1]:
             raise ConfigError(
                 f"embeddings of shape {tuple(z.shape)} do not match centroids of dimension "
                 f"{self.initial_centroids.shape[1]}"
             )
+        z = unit_rows(z)
         before = self.centroids
         if clusters is None:
             clusters = cosine_to_centroids(z, self.centroids_tensor()).argmax(dim=1)

@@ -164,30 +164,27 @@ def test_config_round_trip_keeps_model_weights_loadable():
         ({"input_shape": (9,), "kind": "bogus"}, "'bogus'"),
         ({"input_shape": (9,), "kind": "conv"}, "(9,)"),
         ({"input_shape": (9,), "embedding_dim": 1}, "embedding_dim must be >= 2, got 1"),
-        pytest.param(
-            {"input_shape": (9,), "hidden_units": (16, -3)},
-            "-3",
-            marks=pytest.mark.xfail(
-                reason="model.py AutoEncoderConfig.__post_init__: the hidden_units/conv_channels "
-                "error does not name the bad value",
-                strict=True,
-            ),
-        ),
-        pytest.param(
-            {"input_shape": (1, 8, 8), "conv_channels": (4, 0)},
-            "(4, 0)",
-            marks=pytest.mark.xfail(
-                reason="model.py AutoEncoderConfig.__post_init__: the hidden_units/conv_channels "
-                "error does not name the bad value",
-                strict=True,
-            ),
-        ),
+        ({"input_shape": (9,), "hidden_units": (16, -3)}, "-3"),
+        ({"input_shape": (1, 8, 8), "conv_channels": (4, 0)}, "(4, 0)"),
     ],
 )
 def test_invalid_config_raises_config_error_naming_the_value(settings, named):
     with pytest.raises(ConfigError) as excinfo:
         AutoEncoderConfig(**settings)
     assert named in str(excinfo.value)
+
+
+def test_empty_conv_channels_are_rejected_by_the_config():
+    with pytest.raises(ConfigError, match="conv_channels"):
+        AutoEncoderConfig(input_shape=(1, 8, 8), conv_channels=())
+
+
+def test_dense_model_without_hidden_layers():
+    model = L2AutoEncoder(AutoEncoderConfig(input_shape=(9,), hidden_units=(), embedding_dim=3))
+    with torch.no_grad():
+        x_hat, z = model(random_input(DENSE_SHAPE, n=4))
+    assert x_hat.shape == (4, 9)
+    torch.testing.assert_close(z.norm(dim=1), torch.ones(4))
 
 
 def test_invalid_sizes_raise_config_error():
