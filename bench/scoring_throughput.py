@@ -1,4 +1,4 @@
-"""Scoring throughput of :class:`~stream_l2ae.detector.L2AEDetector` on the CPU, against river.
+"""Scoring throughput of the L2AEDetector on the CPU, against river's HalfSpaceTrees.
 
 What is measured
 ----------------
@@ -32,7 +32,7 @@ rounds (one pass of every workload per round) so that a burst of load from other
 hits ours and river's figures alike; the table gives the best and the median pass. The headline
 ratio is our full path (median) over river's scaled ``score_one`` (median); the goal is at
 least 20x. A stage breakdown of the full path (feature mapping, encoder, scoring, threshold) in
-microseconds per record closes the report.
+microseconds per record, for each thread count, closes the report.
 
 How to run
 ----------
@@ -42,10 +42,10 @@ How to run
     python bench/scoring_throughput.py --model models/shuttle --json runs/throughput.json
 
 The detector is trained with the default configuration for Shuttle-sized records (the small
-dense network), on the CPU, on the first ``--train-records`` records for ``--epochs`` epochs
-(2 by default: accuracy does not matter for timing). The run takes about a minute on an idle
-two-core machine; run it on an idle one, as concurrent load makes the multi-threaded figures
-collapse (the script warns when the load average is high).
+dense network), on the CPU with one torch thread, on the first ``--train-records`` records for
+``--epochs`` epochs (2 by default: accuracy does not matter for timing). The run takes about a
+minute on an idle two-core machine. Run it on an idle one: when other processes keep the cores
+busy, torch's multi-threaded figures collapse (the script warns when the load average is high).
 """
 
 from __future__ import annotations
@@ -80,6 +80,9 @@ FULL_PATH = "ours: full path (score_batch)"
 MODEL_PATH = "ours: model path (embed+score)"
 BATCH_OF_ONE = "ours: full path, batch 1"
 
+#: Passes of the stage breakdown (best one kept).
+STAGE_PASSES = 3
+
 
 @dataclass
 class Workload:
@@ -107,7 +110,7 @@ class Workload:
     def time_pass(self) -> float:
         if self.threads is not None and torch.get_num_threads() != self.threads:
             torch.set_num_threads(self.threads)
-            self.run_pass()  # let the thread pool settle at its new size, untimed
+            _ = torch.ones(256, 256) @ torch.ones(256, 256)  # resize the thread pool, untimed
         gc.collect()
         started = time.perf_counter()
         self.run_pass()
@@ -151,7 +154,14 @@ def get_detector(records: list[Record], args: argparse.Namespace) -> L2AEDetecto
     train = records[: args.train_records] if args.train_records else records
     print(f"training a detector on {len(train):,} records, {args.epochs} epoch(s), CPU ...")
     started = time.perf_counter()
-    detector = L2AEDetector(epochs=args.epochs, device="cpu", progress=False).fit(train)
+    threads = torch.get_num_threads()
+    # One thread: on a loaded machine, multi-threaded torch can take ten times longer to train
+    # this small network; the thread count does not change the trained model's scoring cost.
+    torch.set_num_threads(1)
+    try:
+        detector = L2AEDetector(epochs=args.epochs, device="cpu", progress=False).fit(train)
+    finally:
+        torch.set_num_threads(threads)
     print(f"  trained in {time.perf_counter() - started:.1f} s")
     return detector
 
@@ -187,9 +197,10 @@ def our_workloads(
 
 
 def stage_breakdown(
-    detector: L2AEDetector, records: list[Record], batch_size: int, repeats: int
+    detector: L2AEDetector, records: list[Record], batch_size: int, threads: int, repeats: int
 ) -> dict[str, float]:
-    """Microseconds per record spent in each stage of ``score_batch`` (best of ``repeats``)."""
+    """Microseconds per record in each stage of ``score_batch`` (best of ``repeats`` passes)."""
+    torch.set_num_threads(threads)
     stages = ("features", "embed", "score", "threshold")
     best = dict.fromkeys(stages, float("inf"))
     batches = chunks(records, batch_size)
@@ -323,9 +334,8 @@ def ratios(workloads: list[Workload], thread_counts: Sequence[int]) -> list[dict
 def print_report(
     workloads: list[Workload],
     rows: list[dict[str, Any]],
-    stages: dict[str, float],
+    stages: dict[int, dict[str, float]],
     args: argparse.Namespace,
-    default_threads: int,
 ) -> None:
     header = (
         f"{'workload':<42} {'threads':>7} {'batch':>6} {'records':>8} "
@@ -342,11 +352,12 @@ def print_report(
             f"{w.best_rate:>11,.0f} {w.median_rate:>11,.0f}"
         )
 
-    print()
-    total_us = sum(stages.values())
-    print(f"full path by stage (batch {args.batch_size}, {default_threads} thread(s), best pass):")
-    for stage, us in stages.items():
-        print(f"  {stage:<10} {us:7.3f} us/record {100 * us / total_us:6.1f} %")
+    for threads, per_stage in stages.items():
+        print()
+        total_us = sum(per_stage.values())
+        print(f"full path by stage, batch {args.batch_size}, {threads} thread(s), best pass:")
+        for stage, us in per_stage.items():
+            print(f"  {stage:<10} {us:8.3f} us/record {100 * us / total_us:6.1f} %")
 
     print()
     header = f"{'ours (full path) / river':<54} {'river/s':>9} {'median':>8} {'best':>8}"
@@ -438,11 +449,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         workloads += river_workloads(river_records, scaled=scaled)
     print(f"timing {len(workloads)} workloads, {args.warmup} + {args.repeats} rounds ...")
     run_rounds(workloads, repeats=args.repeats, warmup=args.warmup)
+    stages = {
+        threads: stage_breakdown(detector, records, args.batch_size, threads, STAGE_PASSES)
+        for threads in thread_counts
+    }
     torch.set_num_threads(default_threads)
-    stages = stage_breakdown(detector, records, args.batch_size, args.repeats)
 
     rows = ratios(workloads, thread_counts)
-    print_report(workloads, rows, stages, args, default_threads)
+    print_report(workloads, rows, stages, args)
     elapsed = time.perf_counter() - started
     load_after = load_average()
     print(f"total run time {elapsed:.1f} s; load average before {load_before}, after {load_after}")
@@ -464,7 +478,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "model_config": detector.model.config.to_dict(),
             },
             "workloads": [w.to_dict() for w in workloads],
-            "stage_us_per_record": stages,
+            "stage_us_per_record": {str(threads): v for threads, v in stages.items()},
             "ratios": rows,
             "goal_ratio": GOAL_RATIO,
             "seconds": elapsed,

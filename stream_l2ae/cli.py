@@ -255,7 +255,25 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--device")
     b.add_argument("-q", "--quiet", action="store_true")
     b.set_defaults(func=cmd_bench)
+    _add_plugin_commands(sub)
     return parser
+
+
+#: Packages that build on the library (the Kafka daemon, the retraining job) add subcommands
+#: through this entry-point group, so that the library itself never imports them.
+COMMAND_ENTRY_POINTS = "stream_l2ae.commands"
+
+
+def _add_plugin_commands(sub: argparse._SubParsersAction) -> None:
+    from importlib.metadata import entry_points
+
+    for entry_point in entry_points(group=COMMAND_ENTRY_POINTS):
+        try:
+            register = entry_point.load()
+        except ImportError as exc:
+            log.debug("command plugin %s unavailable: %s", entry_point.name, exc)
+            continue
+        register(sub)
 
 
 def main(argv: list[str] | None = None) -> int:

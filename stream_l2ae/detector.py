@@ -91,7 +91,7 @@ class DetectorConfig:
     l2_normalize: bool = True
     robust: bool = True
     min_cluster_share: float = 0.05
-    trim_fraction: float = 0.05
+    trim_fraction: float = 0.10
     alert_rate: float = 0.01
     online_half_life: float = 50_000.0
     online_prior_weight: float = 100.0
