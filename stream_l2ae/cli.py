@@ -17,6 +17,7 @@ from . import __version__
 from .config import load_config
 from .datasets import BUILTIN_DATASETS, Dataset, load_dataset
 from .detector import DetectorConfig, L2AEDetector
+from .device import configure_threads
 from .errors import StreamL2AEError
 from .evaluation import (
     average_precision,
@@ -213,6 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"stream-l2ae {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     sub = parser.add_subparsers(dest="command", required=True)
     data_help = f"built-in data set ({sources}), a .jsonl file of records, or an .npz with X [y]"
 
@@ -283,6 +285,7 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:
+        configure_threads(args.threads)
         return args.func(args)
     except StreamL2AEError as exc:
         print(f"stream-l2ae: error: {exc}", file=sys.stderr)

@@ -29,3 +29,17 @@ def select_device(preference: str | torch.device | None = "auto") -> torch.devic
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device {preference!r} requested but no CUDA GPU is visible")
     return device
+
+
+def configure_threads(n_threads: int | None) -> None:
+    """Set torch's intra-op thread count (``None`` keeps torch's default).
+
+    Small dense models score fastest on one thread per process: their matrix products are too
+    small to split, and a second thread that cannot get a core stalls the first. Scale out with
+    processes (consumer-group replicas) instead.
+    """
+    if n_threads is None:
+        return
+    if n_threads < 1:
+        raise ConfigError(f"threads must be >= 1, got {n_threads!r}")
+    torch.set_num_threads(int(n_threads))

@@ -105,6 +105,7 @@ class OnlineCentroids:
         self.peers: dict[str, CentroidStatistics] = {}
         self.last_movement_ = 0.0
         self.n_updates_ = 0
+        self._centroids_cache: torch.Tensor | None = None
 
     @property
     def n_clusters(self) -> int:
@@ -134,7 +135,11 @@ class OnlineCentroids:
         return centroids
 
     def centroids_tensor(self) -> torch.Tensor:
-        return torch.as_tensor(self.centroids, dtype=torch.float32, device=self.device)
+        """Unit-length centroids as a float32 tensor on the device, cached between updates."""
+        if self._centroids_cache is None:
+            centroids = torch.as_tensor(self.centroids, dtype=torch.float32, device=self.device)
+            self._centroids_cache = unit_rows(centroids)
+        return self._centroids_cache
 
     def _combined(self) -> tuple[np.ndarray, np.ndarray]:
         # Align everything to the newest clock: a replica that lags its peers must decay its
@@ -154,6 +159,7 @@ class OnlineCentroids:
             self._sums *= factor
             self._counts *= factor
             self.clock = float(now)
+            self._centroids_cache = None
 
     @torch.no_grad()
     def partial_fit(
@@ -196,6 +202,7 @@ class OnlineCentroids:
         self._advance(self.clock + len(z) if now is None else float(now))
         self._sums.index_add_(0, clusters, z)
         self._counts += torch.bincount(clusters, minlength=self.n_clusters).to(torch.float64)
+        self._centroids_cache = None
         after = self.centroids
         cosine = (unit_rows(torch.as_tensor(before)) * unit_rows(torch.as_tensor(after))).sum(1)
         self.last_movement_ = float((1.0 - cosine).max())
@@ -215,6 +222,7 @@ class OnlineCentroids:
         self._advance(aligned.clock)
         self._sums += torch.as_tensor(aligned.sums, device=self.device)
         self._counts += torch.as_tensor(aligned.counts, device=self.device)
+        self._centroids_cache = None
 
     def update_peer(self, replica_id: str, statistics: CentroidStatistics) -> None:
         """Use the latest statistics another live replica published, replacing its previous ones.
@@ -224,9 +232,11 @@ class OnlineCentroids:
         """
         self._check_shape(statistics)
         self.peers[replica_id] = statistics
+        self._centroids_cache = None
 
     def drop_peer(self, replica_id: str) -> None:
         self.peers.pop(replica_id, None)
+        self._centroids_cache = None
 
     def _check_shape(self, statistics: CentroidStatistics) -> None:
         if statistics.sums.shape != self.initial_centroids.shape:
@@ -266,5 +276,6 @@ class OnlineCentroids:
         online._sums = torch.as_tensor(stats.sums, device=online.device).clone()
         online._counts = torch.as_tensor(stats.counts, device=online.device).clone()
         online.clock = stats.clock
+        online._centroids_cache = None
         online.n_updates_ = int(document.get("n_updates", 0))
         return online

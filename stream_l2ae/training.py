@@ -162,7 +162,8 @@ def embed(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Embeddings (and optionally reconstruction errors) of ``X``, on the model's device."""
     device = next(model.parameters()).device
-    model.eval()
+    if model.training:
+        model.eval()
     data = as_tensor(X, device)
     zs, errors = [], []
     for start in range(0, len(data), batch_size):
