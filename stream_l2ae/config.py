@@ -12,8 +12,9 @@ The file has one table per component; ``[detector]`` holds the fields of
     epochs = 20
 
 An environment variable ``STREAM_L2AE_<TABLE>__<KEY>`` overrides a key, e.g.
-``STREAM_L2AE_DETECTOR__EPOCHS=5``. Values are parsed as TOML values (``5``, ``0.01``,
-``true``, ``[64, 64]``), falling back to a plain string.
+``STREAM_L2AE_DETECTOR__EPOCHS=5``; nested tables take more parts,
+``STREAM_L2AE_KAFKA__CONSUMER__SESSION_TIMEOUT_MS=10000``. Values are parsed as TOML values
+(``5``, ``0.01``, ``true``, ``[64, 64]``), falling back to a plain string.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ ENV_PREFIX = "STREAM_L2AE_"
 DEFAULTS: dict[str, dict[str, Any]] = {
     "model": {"dir": "models", "keep": 5},
     "detector": {},
+    "serve": {},
+    "kafka": {},
 }
 
 
@@ -69,6 +72,9 @@ def load_config(
     for name, text in environ.items():
         if not name.startswith(ENV_PREFIX) or "__" not in name[len(ENV_PREFIX) :]:
             continue
-        table, key = name[len(ENV_PREFIX) :].lower().split("__", 1)
-        config.setdefault(table, {})[key] = _parse_env_value(text)
+        table, *path = name[len(ENV_PREFIX) :].lower().split("__")
+        node = config.setdefault(table, {})
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = _parse_env_value(text)
     return config

@@ -50,6 +50,8 @@ log = logging.getLogger(__name__)
 #: Tabular records with fewer features than this get the small default network.
 WIDE_INPUT = 64
 SMALL_HIDDEN_UNITS = (64, 64)
+#: Training scores kept in a bundle, to seed the adaptive thresholds of the daemon.
+TRAINING_SCORE_SAMPLE = 20_000
 PAPER_HIDDEN_UNITS = (500, 500, 2000)
 
 
@@ -208,6 +210,8 @@ class L2AEDetector:
         self.threshold: Threshold | None = None
         self.device = select_device(self.config.device)
         self.training_report_: dict[str, Any] = {}
+        self.training_scores_: np.ndarray = np.empty(0, dtype=np.float32)
+        self.version: str | None = None
 
     # ----- fitting ------------------------------------------------------------------------
     def _model_config(self, input_shape: tuple[int, ...]) -> AutoEncoderConfig:
@@ -301,6 +305,8 @@ class L2AEDetector:
         )
         training_scores = score_embeddings(z, self.online.centroids_tensor())
         self.threshold = QuantileThreshold(alert_rate=c.alert_rate).fit(training_scores.score)
+        sample = np.random.default_rng(c.seed).permutation(len(training_scores.score))
+        self.training_scores_ = training_scores.score[sample[:TRAINING_SCORE_SAMPLE]]
         report.update(
             cluster_shares=(clusters.sizes / clusters.sizes.sum()).round(4).tolist(),
             threshold=self.threshold.value,
@@ -389,6 +395,7 @@ class L2AEDetector:
         self._require_fitted()
         arrays, online_doc = self.online.state()
         arrays["centroids"] = self.online.centroids.astype(np.float32)
+        arrays["training_scores"] = np.asarray(self.training_scores_, dtype=np.float32)
         return BundleContents(
             tensors={k: v.detach().cpu() for k, v in self.model.state_dict().items()},
             arrays=arrays,
@@ -438,6 +445,10 @@ class L2AEDetector:
                 f"bundle {bundle.path} is incompatible with stream-l2ae {__version__}: {exc}"
             ) from exc
         detector.training_report_ = bundle.manifest.get("metadata", {}).get("training", {})
+        detector.training_scores_ = bundle.contents.arrays.get(
+            "training_scores", np.empty(0, dtype=np.float32)
+        )
+        detector.created_at = bundle.manifest.get("created_at")
         detector.version = bundle.version
         return detector
 

@@ -1,0 +1,1 @@
+"""Kafka consumer daemon for stream-l2ae: scores records and publishes alerts."""
