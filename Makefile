@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: install
-	$(BIN)/stream-l2ae demo --offline
+	$(BIN)/stream-l2ae demo
 
 test: install
 	$(BIN)/ruff check stream_l2ae consumers tests bench

@@ -170,8 +170,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     if not args.offline:
         print(
-            "the streaming demo needs the Kafka daemon, which is not built yet; "
-            "run `stream-l2ae demo --offline`",
+            "the streaming demo needs the `consumers` package (pip install -e .); "
+            "run `stream-l2ae demo --offline` for the in-process one",
             file=sys.stderr,
         )
         return 2
@@ -239,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device")
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("demo", help="train on Shuttle and score it as a stream")
+    p = sub.add_parser("demo", help="train on Shuttle and score the rest of it as a stream")
     p.add_argument("--offline", action="store_true", help="no Kafka: score in process")
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--alert-rate", type=float, default=0.05)

@@ -1,0 +1,491 @@
+"""The scoring daemon: consume, score, alert, commit; with checkpoints and model hot-swap.
+
+Delivery guarantees
+-------------------
+*At least once, nothing lost.* For every polled batch the daemon
+
+1. scores it and updates the online centroids (a snapshot of their state is kept);
+2. sends the alerts, the optional scores and the dead letters, then flushes the producer and
+   checks that the broker acknowledged every one of them (``acks=all``);
+3. only then commits the batch's offsets (``last offset + 1`` per partition).
+
+If step 2 or 3 fails, the consumer seeks back to the batch's first offsets, the centroid and
+threshold state are restored from the snapshot, and the batch is processed again once the broker
+answers: a record can be alerted twice but never skipped. Alerts are keyed
+``topic/partition/offset`` so that consumers downstream can deduplicate. A crash (SIGKILL)
+loses nothing either: the uncommitted records are consumed again by whoever owns the partition
+next. The online centroid state is checkpointed every ``checkpoint_interval_s`` and on shutdown;
+after a crash it is restored from the last checkpoint, so it may miss up to one interval of
+updates (approximate by design; Kafka's committed offsets are the source of truth for records).
+
+SIGTERM and SIGINT finish the batch in hand, commit, checkpoint, flush and exit. A rebalance that
+revokes partitions commits what was processed for them first. A new model version in the model
+directory is swapped in between two batches, so no record is dropped or scored twice by it.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import signal
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+from kafka import ConsumerRebalanceListener, TopicPartition
+from kafka import errors as kafka_errors
+from kafka.structs import OffsetAndMetadata
+
+from stream_l2ae.bundle import latest_version, load_bundle
+from stream_l2ae.detector import L2AEDetector
+from stream_l2ae.device import configure_threads
+from stream_l2ae.errors import BundleError
+
+from .checkpoint import Checkpoint, CheckpointStore, CheckpointTimer
+from .kafka_io import ensure_topics, highwater_lag, make_consumer, make_producer
+from .metrics import DaemonMetrics
+from .processing import (
+    BatchOutcome,
+    BatchScorer,
+    InputBatch,
+    alert_messages,
+    dead_letter_message,
+    make_threshold,
+    score_messages,
+)
+from .settings import ServeSettings
+
+log = logging.getLogger("stream_l2ae.daemon")
+
+PUBLISH_TIMEOUT_S = 30.0
+COMMIT_TIMEOUT_MS = 15_000
+
+
+class BrokerUnavailable(Exception):
+    """The broker did not acknowledge a send or a commit in time."""
+
+
+class _CommitOnRevoke(ConsumerRebalanceListener):
+    def __init__(self, daemon: ScoringDaemon) -> None:
+        self.daemon = daemon
+
+    def on_partitions_revoked(self, revoked) -> None:
+        self.daemon._on_revoked(set(revoked))
+
+    def on_partitions_assigned(self, assigned) -> None:
+        log.info("assigned partitions: %s", sorted(f"{tp.topic}/{tp.partition}" for tp in assigned))
+
+
+def broker_connected(consumer) -> bool | None:
+    """Whether the consumer holds a live connection to any broker (``None``: unknown)."""
+    try:
+        client = consumer._client
+        return any(client.connected(broker.nodeId) for broker in client.cluster.brokers())
+    except Exception:  # private API of kafka-python; the metric is best effort
+        return None
+
+
+class ScoringDaemon:
+    """Long-running consumer that scores records and publishes alerts.
+
+    Parameters
+    ----------
+    settings
+        A :class:`~consumers.settings.ServeSettings`.
+    consumer_overrides
+        Extra kafka-python consumer settings (tests use short session timeouts).
+    """
+
+    def __init__(
+        self,
+        settings: ServeSettings,
+        *,
+        metrics: DaemonMetrics | None = None,
+        consumer_overrides: dict | None = None,
+    ) -> None:
+        self.settings = settings
+        self.metrics = metrics or DaemonMetrics()
+        self.consumer_overrides = consumer_overrides or {}
+        self._stop = threading.Event()
+        self.consumer = None
+        self.producer = None
+        self.detector: L2AEDetector | None = None
+        self.scorer: BatchScorer | None = None
+        self.store = CheckpointStore(settings.checkpoint_path(), replica_id=settings.replica_id)
+        self.checkpoint_timer = CheckpointTimer(settings.checkpoint_interval_s)
+        self.records_seen = 0
+        self.metrics_port: int | None = None
+        self._backoff = settings.retry_backoff_initial_s
+        self._broker_down = False
+        self._failed_versions: set[str] = set()
+        self._last_model_check = 0.0
+        self._committed: dict[TopicPartition, int] = {}
+
+    # ----- lifecycle ------------------------------------------------------------------------
+    def request_stop(self, *_: object) -> None:
+        if not self._stop.is_set():
+            log.info("stop requested: finishing the batch in hand")
+        self._stop.set()
+
+    def install_signal_handlers(self) -> None:
+        signal.signal(signal.SIGTERM, self.request_stop)
+        signal.signal(signal.SIGINT, self.request_stop)
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    def run(self) -> int:
+        s = self.settings
+        configure_threads(s.torch_threads)
+        if s.metrics_port is not None:
+            self.metrics_port = self.metrics.start_http_server(s.metrics_port, s.metrics_host)
+            log.info("metrics on http://%s:%d/metrics", s.metrics_host, self.metrics_port)
+        try:
+            if not self._load_initial_model():
+                return 0
+            self._connect()
+            while not self.stopping:
+                self.step()
+        finally:
+            self._shutdown()
+        return 0
+
+    def _sleep_backoff(self, reason: str) -> None:
+        log.warning("%s; retrying in %.1f s", reason, self._backoff)
+        self._stop.wait(self._backoff)
+        self._backoff = min(self._backoff * 2, self.settings.retry_backoff_max_s)
+
+    def _broker_ok(self) -> None:
+        if self._broker_down:
+            log.info("broker reachable again")
+            self.metrics.broker_reconnected()
+        self._broker_down = False
+        self._backoff = self.settings.retry_backoff_initial_s
+        self.metrics.set_broker_up(True)
+
+    def _broker_trouble(self, exc: BaseException) -> None:
+        self._broker_down = True
+        self.metrics.set_broker_up(False)
+        self.metrics.broker_error()
+        self._sleep_backoff(f"broker unavailable ({type(exc).__name__}: {exc})")
+
+    def _connect(self) -> None:
+        s = self.settings
+        while not self.stopping:
+            try:
+                ensure_topics(
+                    s.client_settings("admin"),
+                    [t for t in (s.alerts_topic, s.dead_letter_topic, s.scores_topic) if t],
+                )
+                self.producer = make_producer(s.client_settings("producer"))
+                self.consumer = make_consumer(
+                    s.client_settings("consumer"),
+                    s.group_id,
+                    max_poll_records=s.batch_size,
+                    **self.consumer_overrides,
+                )
+                self.consumer.subscribe(list(s.input_topics), listener=_CommitOnRevoke(self))
+                self._broker_ok()
+                log.info("consuming %s as group %r", ", ".join(s.input_topics), s.group_id)
+                return
+            except (kafka_errors.KafkaError, OSError) as exc:
+                self._close_clients()
+                self._broker_trouble(exc)
+
+    def _close_clients(self) -> None:
+        for client in (self.consumer, self.producer):
+            if client is not None:
+                try:
+                    client.close(timeout=5) if client is self.producer else client.close(
+                        autocommit=False
+                    )
+                except Exception as exc:  # closing a broken client must not mask the cause
+                    log.debug("closing client: %s", exc)
+        self.consumer = self.producer = None
+
+    def _shutdown(self) -> None:
+        if self.detector is not None:
+            self.checkpoint()
+        if self.producer is not None:
+            try:
+                self.producer.flush(timeout=10)
+            except kafka_errors.KafkaError as exc:
+                log.warning("flush on shutdown failed: %s", exc)
+        self._close_clients()
+        self.metrics.close()
+        log.info("stopped after %d records", self.records_seen)
+
+    # ----- model ----------------------------------------------------------------------------
+    def _load_initial_model(self) -> bool:
+        while not self.stopping:
+            try:
+                self._install(
+                    L2AEDetector.load(self.settings.model_dir, device=self.settings.device),
+                    restore_checkpoint=True,
+                )
+                return True
+            except BundleError as exc:
+                self._sleep_backoff(f"no usable model in {self.settings.model_dir}: {exc}")
+        return False
+
+    def _install(
+        self,
+        detector: L2AEDetector,
+        *,
+        restore_checkpoint: bool = False,
+        previous: L2AEDetector | None = None,
+    ) -> None:
+        s = self.settings
+        threshold = make_threshold(s.threshold, detector)
+        if restore_checkpoint:
+            checkpoint = self.store.load()
+            if checkpoint is not None and checkpoint.model_version == detector.version:
+                detector.online = checkpoint.restore_online(detector.device)
+                if s.threshold != "bundle":
+                    threshold = checkpoint.restore_threshold()
+                self.records_seen = checkpoint.records_seen
+                log.info(
+                    "resumed online state from checkpoint (%d records seen)",
+                    checkpoint.records_seen,
+                )
+            elif checkpoint is not None:
+                log.info(
+                    "checkpoint is for model %s, not %s: starting from the bundle",
+                    checkpoint.model_version,
+                    detector.version,
+                )
+        elif previous is not None and _same_embedding_space(previous, detector):
+            detector.online = previous.online
+            log.info("same embedding space: online centroids carried over")
+        self.detector = detector
+        self.scorer = BatchScorer(
+            detector,
+            threshold=threshold,
+            online_update=s.online_update,
+            online_clock=s.online_clock,
+            max_record_bytes=s.max_record_bytes,
+            model_version=detector.version,
+        )
+        config = detector.model.config
+        self.metrics.set_model(
+            detector.version,
+            getattr(detector, "created_at", None),
+            detector.online.n_clusters,
+            config.embedding_dim,
+        )
+        self.metrics.set_threshold(float(threshold.value))
+        self.metrics.set_occupancy(detector.online.occupancy)
+        log.info("serving model %s", detector.version)
+
+    def maybe_swap_model(self, force: bool = False) -> bool:
+        """Load a new model version if the model directory's ``LATEST`` moved."""
+        now = time.monotonic()
+        if not force and now - self._last_model_check < self.settings.model_poll_interval_s:
+            return False
+        self._last_model_check = now
+        try:
+            version = latest_version(self.settings.model_dir)
+        except (BundleError, OSError) as exc:
+            log.warning("cannot read the model directory: %s", exc)
+            return False
+        if version is None or version == self.detector.version or version in self._failed_versions:
+            return False
+        try:
+            bundle = load_bundle(Path(self.settings.model_dir) / "versions" / version)
+            detector = L2AEDetector.from_bundle(bundle, device=self.settings.device)
+        except BundleError as exc:
+            self._failed_versions.add(version)
+            log.error("model %s refused, keeping %s: %s", version, self.detector.version, exc)
+            return False
+        previous = self.detector
+        self._install(detector, previous=previous)
+        self.metrics.model_swapped()
+        self.checkpoint()
+        log.info("hot-swapped model %s -> %s", previous.version, detector.version)
+        return True
+
+    # ----- the loop -------------------------------------------------------------------------
+    def step(self) -> int:
+        """Poll and process one batch; returns the number of records processed."""
+        self.maybe_swap_model()
+        if self.consumer is None:
+            self._connect()
+            return 0
+        try:
+            polled = self.consumer.poll(
+                timeout_ms=self.settings.poll_timeout_ms, max_records=self.settings.batch_size
+            )
+        except kafka_errors.KafkaError as exc:
+            self._broker_trouble(exc)
+            return 0
+        records = [record for partition in polled.values() for record in partition]
+        self.metrics.set_lag(
+            {(tp.topic, tp.partition): lag for tp, lag in highwater_lag(self.consumer).items()}
+        )
+        if not records:
+            self._idle()
+            return 0
+        started = time.perf_counter()
+        batch = InputBatch.from_records(records)
+        snapshot = self._snapshot()
+        outcome = self.scorer.process(batch)
+        try:
+            n_scores = self._publish(batch, outcome)
+            self._commit(batch)
+        except (BrokerUnavailable, kafka_errors.KafkaError) as exc:
+            self._restore(snapshot)
+            self._rewind(batch)
+            self._broker_trouble(exc)
+            return 0
+        self._broker_ok()
+        self.records_seen += len(batch)
+        self._observe(batch, outcome, n_scores, time.perf_counter() - started)
+        if self.checkpoint_timer.due():
+            self.checkpoint()
+        return len(batch)
+
+    def _idle(self) -> None:
+        connected = broker_connected(self.consumer)
+        if connected is False and not self._broker_down:
+            self._broker_down = True
+            self.metrics.set_broker_up(False)
+            log.warning("lost the connection to the broker; kafka-python is reconnecting")
+        elif connected and self._broker_down:
+            self._broker_ok()
+        if self.checkpoint_timer.due():
+            self.checkpoint()
+
+    def _snapshot(self):
+        detector = self.detector
+        threshold = self.scorer.threshold
+        adaptive = threshold is not detector.threshold
+        return copy.deepcopy(detector.online), copy.deepcopy(threshold) if adaptive else None
+
+    def _restore(self, snapshot) -> None:
+        online, threshold = snapshot
+        self.detector.online = online
+        if threshold is not None:
+            self.scorer.threshold = threshold
+
+    def _publish(self, batch: InputBatch, outcome: BatchOutcome) -> int:
+        s = self.settings
+        futures = []
+        for key, value in alert_messages(batch, outcome, s.replica_id):
+            futures.append(self.producer.send(s.alerts_topic, key=key, value=value))
+        n_scores = 0
+        if s.scores_topic:
+            for key, value in score_messages(batch, outcome, s.replica_id):
+                futures.append(self.producer.send(s.scores_topic, key=key, value=value))
+            n_scores = len(outcome.indices)
+        for letter in outcome.dead_letters:
+            key, value, headers = dead_letter_message(batch, letter)
+            futures.append(
+                self.producer.send(s.dead_letter_topic, key=key, value=value, headers=headers)
+            )
+        if not futures:
+            return 0
+        try:
+            self.producer.flush(timeout=PUBLISH_TIMEOUT_S)
+        except kafka_errors.KafkaTimeoutError as exc:
+            self.metrics.produce_failed(len(futures))
+            raise BrokerUnavailable(f"{len(futures)} records not acknowledged: {exc}") from exc
+        failed = [f for f in futures if f.failed()]
+        if failed:
+            self.metrics.produce_failed(len(failed))
+            raise BrokerUnavailable(f"{len(failed)} sends failed: {failed[0].exception}")
+        return n_scores
+
+    @staticmethod
+    def _next_offsets(batch: InputBatch) -> dict[TopicPartition, int]:
+        next_offsets: dict[TopicPartition, int] = {}
+        for topic, partition, offset in zip(
+            batch.topics, batch.partitions.tolist(), batch.offsets.tolist(), strict=True
+        ):
+            tp = TopicPartition(topic, partition)
+            if offset + 1 > next_offsets.get(tp, -1):
+                next_offsets[tp] = offset + 1
+        return next_offsets
+
+    def _commit(self, batch: InputBatch) -> None:
+        offsets = self._next_offsets(batch)
+        try:
+            self.consumer.commit(
+                {tp: OffsetAndMetadata(offset, "", -1) for tp, offset in offsets.items()},
+                timeout_ms=COMMIT_TIMEOUT_MS,
+            )
+        except kafka_errors.KafkaError:
+            self.metrics.commit_failed()
+            raise
+        self._committed.update(offsets)
+        self.metrics.committed()
+
+    def _rewind(self, batch: InputBatch) -> None:
+        first: dict[TopicPartition, int] = {}
+        for topic, partition, offset in zip(
+            batch.topics, batch.partitions.tolist(), batch.offsets.tolist(), strict=True
+        ):
+            tp = TopicPartition(topic, partition)
+            first[tp] = min(offset, first.get(tp, offset))
+        for tp, offset in first.items():
+            try:
+                self.consumer.seek(tp, offset)
+            except (kafka_errors.IllegalStateError, AssertionError):
+                pass  # no longer ours: the new owner starts from the committed offset
+
+    def _on_revoked(self, revoked: set[TopicPartition]) -> None:
+        # Batches are committed before the next poll, so only a failed commit leaves work here.
+        log.info("partitions revoked: %s", sorted(f"{tp.topic}/{tp.partition}" for tp in revoked))
+        self.checkpoint()
+
+    def _observe(
+        self, batch: InputBatch, outcome: BatchOutcome, n_scores: int, seconds: float
+    ) -> None:
+        m = self.metrics
+        latencies = None
+        if len(outcome.indices):
+            latencies = (outcome.scored_at_ms - batch.timestamps_ms[outcome.indices]) / 1000.0
+        m.observe_batch(
+            n_consumed=len(batch),
+            n_scored=len(outcome.indices),
+            n_alerts=int(outcome.is_anomaly.sum()),
+            scores=outcome.score,
+            latencies_s=latencies,
+            duration_s=seconds,
+        )
+        if outcome.dead_letters:
+            m.dead_lettered(outcome.dead_letter_reasons)
+        if n_scores:
+            m.scores_produced(n_scores)
+        m.set_threshold(float(self.scorer.threshold.value))
+        m.set_centroid_movement(self.detector.online.last_movement_)
+        m.set_occupancy(self.detector.online.occupancy)
+
+    def checkpoint(self) -> None:
+        try:
+            self.store.save(
+                Checkpoint.capture(
+                    self.detector.version,
+                    self.detector.online,
+                    self.scorer.threshold,
+                    records_seen=self.records_seen,
+                )
+            )
+            self.metrics.checkpointed()
+        except Exception as exc:  # a full disk must not stop scoring; the metric says so
+            self.metrics.checkpoint_failed()
+            log.error("checkpoint failed: %s", exc)
+        self.checkpoint_timer.mark()
+
+
+def _same_embedding_space(old: L2AEDetector, new: L2AEDetector) -> bool:
+    """Same encoder weights and cluster count: the online statistics stay meaningful."""
+    if old.online.initial_centroids.shape != new.online.initial_centroids.shape:
+        return False
+    old_state, new_state = old.model.state_dict(), new.model.state_dict()
+    if old_state.keys() != new_state.keys():
+        return False
+    return all(
+        np.array_equal(old_state[k].cpu().numpy(), new_state[k].cpu().numpy()) for k in old_state
+    )
