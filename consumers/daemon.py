@@ -9,7 +9,11 @@ Delivery guarantees
    checks that the broker acknowledged every one of them (``acks=all``);
 3. only then commits the batch's offsets (``last offset + 1`` per partition).
 
-If step 2 or 3 fails, the consumer seeks back to the batch's first offsets, the centroid and
+The per-batch commit is asynchronous: it is sent after the acknowledgements, never before, and a
+lost commit is covered by the next one, which carries higher offsets. On partition revocation and
+on shutdown the last processed offsets are committed synchronously.
+
+If step 2 fails, the consumer seeks back to the batch's first offsets, the centroid and
 threshold state are restored from the snapshot, and the batch is processed again once the broker
 answers: a record can be alerted twice but never skipped. Alerts are keyed
 ``topic/partition/offset`` so that consumers downstream can deduplicate. A crash (SIGKILL)
@@ -120,7 +124,7 @@ class ScoringDaemon:
         self._broker_down = False
         self._failed_versions: set[str] = set()
         self._last_model_check = 0.0
-        self._committed: dict[TopicPartition, int] = {}
+        self._processed: dict[TopicPartition, int] = {}
 
     # ----- lifecycle ------------------------------------------------------------------------
     def request_stop(self, *_: object) -> None:
@@ -158,12 +162,18 @@ class ScoringDaemon:
         self._backoff = min(self._backoff * 2, self.settings.retry_backoff_max_s)
 
     def _broker_ok(self) -> None:
-        if self._broker_down:
-            log.info("broker reachable again")
-            self.metrics.broker_reconnected()
+        was_down = self._broker_down
         self._broker_down = False
         self._backoff = self.settings.retry_backoff_initial_s
         self.metrics.set_broker_up(True)
+        if was_down:
+            # Fresh clients after an outage: a broker that lost its log (or a failover) may not
+            # answer a stale fetch position with OffsetOutOfRange, so restart from the group's
+            # committed offsets instead.
+            log.info("broker reachable again: reconnecting from the committed offsets")
+            self.metrics.broker_reconnected()
+            self._close_clients()
+            self._connect()
 
     def _broker_trouble(self, exc: BaseException) -> None:
         self._broker_down = True
@@ -187,7 +197,10 @@ class ScoringDaemon:
                     **self.consumer_overrides,
                 )
                 self.consumer.subscribe(list(s.input_topics), listener=_CommitOnRevoke(self))
-                self._broker_ok()
+                self._processed.clear()
+                self._broker_down = False
+                self._backoff = s.retry_backoff_initial_s
+                self.metrics.set_broker_up(True)
                 log.info("consuming %s as group %r", ", ".join(s.input_topics), s.group_id)
                 return
             except (kafka_errors.KafkaError, OSError) as exc:
@@ -206,6 +219,11 @@ class ScoringDaemon:
         self.consumer = self.producer = None
 
     def _shutdown(self) -> None:
+        if self.consumer is not None and self._processed:
+            try:
+                self._commit_sync(self._processed)
+            except kafka_errors.KafkaError as exc:
+                log.warning("final commit failed (records will be consumed again): %s", exc)
         if self.detector is not None:
             self.checkpoint()
         if self.producer is not None:
@@ -409,7 +427,22 @@ class ScoringDaemon:
         return next_offsets
 
     def _commit(self, batch: InputBatch) -> None:
+        """Commit asynchronously the batch whose outputs the broker has acknowledged."""
         offsets = self._next_offsets(batch)
+        self._processed.update(offsets)
+        self.consumer.commit_async(
+            {tp: OffsetAndMetadata(offset, "", -1) for tp, offset in offsets.items()},
+            callback=self._on_commit,
+        )
+
+    def _on_commit(self, offsets, response) -> None:
+        if isinstance(response, Exception):
+            self.metrics.commit_failed()
+            log.warning("commit failed (the next one covers it): %s", response)
+        else:
+            self.metrics.committed()
+
+    def _commit_sync(self, offsets: dict[TopicPartition, int]) -> None:
         try:
             self.consumer.commit(
                 {tp: OffsetAndMetadata(offset, "", -1) for tp, offset in offsets.items()},
@@ -418,7 +451,6 @@ class ScoringDaemon:
         except kafka_errors.KafkaError:
             self.metrics.commit_failed()
             raise
-        self._committed.update(offsets)
         self.metrics.committed()
 
     def _rewind(self, batch: InputBatch) -> None:
@@ -435,9 +467,17 @@ class ScoringDaemon:
                 pass  # no longer ours: the new owner starts from the committed offset
 
     def _on_revoked(self, revoked: set[TopicPartition]) -> None:
-        # Batches are committed before the next poll, so only a failed commit leaves work here.
         log.info("partitions revoked: %s", sorted(f"{tp.topic}/{tp.partition}" for tp in revoked))
-        self.checkpoint()
+        done = {tp: offset for tp, offset in self._processed.items() if tp in revoked}
+        if done:
+            try:
+                self._commit_sync(done)
+            except kafka_errors.KafkaError as exc:
+                log.warning("commit on revocation failed (records will be re-read): %s", exc)
+        for tp in revoked:
+            self._processed.pop(tp, None)
+        if self.detector is not None:
+            self.checkpoint()
 
     def _observe(
         self, batch: InputBatch, outcome: BatchOutcome, n_scores: int, seconds: float

@@ -416,7 +416,7 @@ def _wait_for_topics(
         time.sleep(0.05)
 
 
-def highwater_lag(consumer: KafkaConsumer, timeout_ms: int = 1000) -> dict[TopicPartition, int]:
+def highwater_lag(consumer: KafkaConsumer, timeout_ms: int = 0) -> dict[TopicPartition, int]:
     """Records not yet returned by ``poll``, per assigned partition: ``highwater - position``.
 
     The highwater mark is the one carried by the consumer's latest fetch response for the
@@ -424,7 +424,13 @@ def highwater_lag(consumer: KafkaConsumer, timeout_ms: int = 1000) -> dict[Topic
     without a known position are left out. ``end_offsets`` is not used because it sends a
     ListOffsets request per call, and the embedded broker (Tansu) answers "latest" with the
     base offset of the last batch instead of the log end, so the lag would be wrong.
-    ``timeout_ms`` bounds the wait for a position still being looked up.
+    ``timeout_ms`` bounds the wait for a position still being looked up (by default there is
+    no wait: cheap enough to call after every ``poll``, about 20 us per partition).
+
+    A position beyond the highwater mark gives a lag of 0. That happens on Tansu after a broker
+    restart (its log starts again at offset 0 and a fetch past the end returns no error, so a
+    consumer that keeps its old position silently waits there); a real Kafka cluster answers
+    OFFSET_OUT_OF_RANGE and the consumer resets per ``auto_offset_reset``.
     """
     lags: dict[TopicPartition, int] = {}
     for tp in consumer.assignment():

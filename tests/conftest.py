@@ -68,3 +68,6 @@ def conv_detector(digits_split) -> L2AEDetector:
     """A detector with a tiny conv auto-encoder fitted on the digits images. Do not mutate it."""
     train, _ = digits_split
     return L2AEDetector(progress=False, **TINY_CONV_SETTINGS).fit(train.X)
+
+
+pytest_plugins = ["tests.kafka_fixtures"]

@@ -1,0 +1,212 @@
+"""Sustained throughput and latency of the scoring daemon on the embedded broker.
+
+Two figures, both measured in the same run so that the ratio survives a noisy machine:
+
+1. **Throughput.** All 49,097 Shuttle records (repeated ``--repeat`` times) are produced to a
+   topic first. A raw kafka-python consumer with the daemon's fetch settings reads the topic
+   with no processing (the baseline), then the daemon consumes the same topic in a new group:
+   decode, features, encode, score, online update, alerts produced and acknowledged, offsets
+   committed. Both are timed from their first record to their last.
+2. **Latency.** With the daemon running, records are produced at a fixed rate (``--rate``) and
+   the latency from each record's timestamp to its score is read off the scores topic.
+
+Run: ``python bench/throughput.py [--repeat 2] [--rate 2000] [--seconds 10] [--json OUT]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import orjson
+import torch
+from kafka import KafkaConsumer, TopicPartition
+
+from consumers.daemon import ScoringDaemon
+from consumers.embedded_broker import EmbeddedBroker
+from consumers.kafka_io import ensure_topics, make_consumer, make_producer
+from consumers.produce import encoded_records, produce_dataset
+from consumers.settings import ServeSettings
+from stream_l2ae.datasets import load_dataset
+from stream_l2ae.detector import L2AEDetector
+
+FAST_GROUP = {"session_timeout_ms": 2000, "heartbeat_interval_ms": 500}
+
+
+def preload(bootstrap: str, topic: str, repeat: int) -> int:
+    shuttle = load_dataset("shuttle")
+    values = list(encoded_records(shuttle))
+    producer = make_producer({"bootstrap_servers": bootstrap})
+    n = 0
+    for _ in range(repeat):
+        for value in values:
+            producer.send(topic, key=str(n).encode(), value=value)
+            n += 1
+    producer.flush()
+    producer.close()
+    return n
+
+
+def raw_consume(bootstrap: str, topic: str, n: int, batch_size: int) -> float:
+    consumer = make_consumer(
+        {"bootstrap_servers": bootstrap},
+        f"raw-{time.time_ns()}",
+        max_poll_records=batch_size,
+        **FAST_GROUP,
+    )
+    consumer.subscribe([topic])
+    seen, first = 0, None
+    while seen < n:
+        for records in consumer.poll(timeout_ms=500, max_records=batch_size).values():
+            first = first or time.perf_counter()
+            seen += len(records)
+    elapsed = time.perf_counter() - first
+    consumer.close()
+    return n / elapsed
+
+
+def daemon_settings(
+    bootstrap: str,
+    topic: str,
+    model_dir: Path,
+    workdir: Path,
+    batch_size: int,
+    scores_topic: str | None = None,
+) -> ServeSettings:
+    return ServeSettings(
+        input_topics=(topic,),
+        group_id=f"daemon-{time.time_ns()}",
+        alerts_topic=f"{topic}-alerts",
+        scores_topic=scores_topic,
+        dead_letter_topic=f"{topic}-dead",
+        model_dir=str(model_dir),
+        checkpoint_dir=str(workdir / "checkpoints"),
+        batch_size=batch_size,
+        kafka={"bootstrap_servers": bootstrap},
+        metrics_port=0,
+        replica_id="bench",
+    )
+
+
+def start_daemon(settings: ServeSettings) -> ScoringDaemon:
+    daemon = ScoringDaemon(settings, consumer_overrides=FAST_GROUP)
+    daemon._load_initial_model()
+    daemon._connect()
+    return daemon
+
+
+def daemon_consume(settings: ServeSettings, n: int) -> float:
+    daemon = start_daemon(settings)
+    first = None
+    try:
+        while daemon.records_seen < n:
+            if daemon.step() and first is None:
+                first = time.perf_counter()
+        return n / (time.perf_counter() - first)
+    finally:
+        daemon._shutdown()
+
+
+def latency(
+    bootstrap: str, model_dir: Path, workdir: Path, rate: float, seconds: float, batch_size: int
+) -> dict[str, float]:
+    topic = f"latency-{time.time_ns()}"
+    scores_topic = f"{topic}-scores"
+    ensure_topics({"bootstrap_servers": bootstrap}, {topic: 1, scores_topic: 1})
+    settings = daemon_settings(bootstrap, topic, model_dir, workdir, batch_size, scores_topic)
+    daemon = start_daemon(settings)
+    n = int(rate * seconds)
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            daemon.step()
+
+    server = threading.Thread(target=serve, daemon=True)
+    server.start()
+    try:
+        shuttle = load_dataset("shuttle", limit=n)
+        produce_dataset({"bootstrap_servers": bootstrap}, shuttle, topic, rate=rate, progress=False)
+        deadline = time.monotonic() + 60
+        while daemon.records_seen < n and time.monotonic() < deadline:
+            time.sleep(0.1)
+    finally:
+        stop.set()
+        server.join()
+        daemon._shutdown()
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    tp = TopicPartition(scores_topic, 0)
+    consumer.assign([tp])
+    consumer.seek_to_beginning(tp)
+    lat = []
+    while len(lat) < n:
+        polled = consumer.poll(timeout_ms=2000)
+        if not polled:
+            break
+        for records in polled.values():
+            for record in records:
+                doc = orjson.loads(record.value)
+                lat.append(doc["scored_at_ms"] - doc["source"]["timestamp_ms"])
+    consumer.close()
+    lat_ms = np.asarray(lat, dtype=float)
+    return {
+        "rate": rate,
+        "records": len(lat),
+        "p50_ms": float(np.percentile(lat_ms, 50)),
+        "p99_ms": float(np.percentile(lat_ms, 99)),
+        "max_ms": float(lat_ms.max()),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeat", type=int, default=2, help="copies of Shuttle to consume")
+    parser.add_argument("--batch-size", type=int, default=2048)
+    parser.add_argument("--rate", type=float, default=2000.0, help="records/s for latency")
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--json", help="write the figures here")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    workdir = Path(tempfile.mkdtemp(prefix="stream-l2ae-bench-"))
+    model_dir = workdir / "models"
+    L2AEDetector(epochs=args.epochs, progress=False).fit(load_dataset("shuttle")).save(model_dir)
+    with EmbeddedBroker() as broker:
+        bootstrap = broker.bootstrap_servers
+        topic = f"throughput-{time.time_ns()}"
+        ensure_topics(
+            {"bootstrap_servers": bootstrap}, {topic: 1, f"{topic}-alerts": 1, f"{topic}-dead": 1}
+        )
+        n = preload(bootstrap, topic, args.repeat)
+        raw = raw_consume(bootstrap, topic, n, args.batch_size)
+        settings = daemon_settings(bootstrap, topic, model_dir, workdir, args.batch_size)
+        ours = daemon_consume(settings, n)
+        lat = latency(bootstrap, model_dir, workdir, args.rate, args.seconds, args.batch_size)
+    results = {
+        "records": n,
+        "batch_size": args.batch_size,
+        "raw_consumer_records_per_s": raw,
+        "daemon_records_per_s": ours,
+        "daemon_vs_raw": ours / raw,
+        "latency": lat,
+        "machine": {"platform": platform.platform(), "torch_threads": torch.get_num_threads()},
+    }
+    print(f"records consumed            {n:,}")
+    print(f"raw kafka-python consumer   {raw:,.0f} records/s")
+    print(f"stream-l2ae daemon          {ours:,.0f} records/s  ({ours / raw:.0%} of raw)")
+    print(
+        f"latency at {lat['rate']:,.0f} records/s    p50 {lat['p50_ms']:.0f} ms, "
+        f"p99 {lat['p99_ms']:.0f} ms ({lat['records']:,} records)"
+    )
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
