@@ -121,6 +121,9 @@ def latency(
     ensure_topics({"bootstrap_servers": bootstrap}, {topic: 1, scores_topic: 1})
     settings = daemon_settings(bootstrap, topic, model_dir, workdir, batch_size, scores_topic)
     daemon = start_daemon(settings)
+    deadline = time.monotonic() + 30
+    while not daemon.consumer.assignment() and time.monotonic() < deadline:
+        daemon.step()  # join the group before the clock starts
     n = int(rate * seconds)
     stop = threading.Event()
 
@@ -167,7 +170,7 @@ def latency(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=2, help="copies of Shuttle to consume")
-    parser.add_argument("--batch-size", type=int, default=2048)
+    parser.add_argument("--batch-size", type=int, default=8192)
     parser.add_argument("--rate", type=float, default=2000.0, help="records/s for latency")
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--epochs", type=int, default=3)

@@ -33,7 +33,7 @@ class ServeSettings:
     checkpoint_dir: str = "checkpoints"
     checkpoint_interval_s: float = 30.0
     model_poll_interval_s: float = 5.0
-    batch_size: int = 2048
+    batch_size: int = 8192
     poll_timeout_ms: int = 200
     max_record_bytes: int = 1_048_576
     metrics_host: str = "0.0.0.0"

@@ -346,7 +346,7 @@ class L2AEDetector:
     @torch.no_grad()
     def score_embeddings(self, z: torch.Tensor) -> ClusterScores:
         self._require_fitted()
-        return score_embeddings(z, self.online.centroids_tensor())
+        return score_embeddings(z, self.online.centroids_tensor(), centroids_are_unit=True)
 
     def score_batch(self, data: Any, *, keep_embeddings: bool = False) -> DetectorScores:
         """Score a batch; bad records are returned in ``rejected`` instead of raising."""

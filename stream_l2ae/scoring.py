@@ -45,8 +45,13 @@ def cosine_to_centroids(z: torch.Tensor, centroids: torch.Tensor) -> torch.Tenso
 
 
 @torch.no_grad()
-def score_embeddings(z: torch.Tensor, centroids: torch.Tensor) -> ClusterScores:
+def score_embeddings(
+    z: torch.Tensor, centroids: torch.Tensor, *, centroids_are_unit: bool = False
+) -> ClusterScores:
     """Anomaly score, nearest cluster and margin for each row of ``z``.
+
+    ``centroids_are_unit`` skips normalizing centroids that already have unit length (the
+    online centroids cache them so).
 
     Examples
     --------
@@ -56,16 +61,17 @@ def score_embeddings(z: torch.Tensor, centroids: torch.Tensor) -> ClusterScores:
     >>> s.score.round(2), s.cluster, s.margin.round(2)
     (array([0. , 0.2, 1. ], dtype=float32), array([0, 1, 1]), array([1. , 0.2, 1. ], dtype=float32))
     """
-    similarity = cosine_to_centroids(z, centroids)
+    centroids = centroids.to(z.device, torch.float32)
+    if not centroids_are_unit:
+        centroids = unit_rows(centroids)
+    similarity = unit_rows(z.float()) @ centroids.T
     if similarity.shape[1] >= 2:
         top = similarity.topk(2, dim=1)
-        best, second, cluster = top.values[:, 0], top.values[:, 1], top.indices[:, 0]
-        margin = best - second
+        values = top.values.cpu().numpy()
+        best, margin = values[:, 0], values[:, 0] - values[:, 1]
+        cluster = top.indices[:, 0].cpu().numpy()
     else:
-        best, cluster = similarity[:, 0], torch.zeros(len(z), dtype=torch.long, device=z.device)
-        margin = torch.ones_like(best)
-    return ClusterScores(
-        score=(1.0 - best).clamp_(0.0, 2.0).cpu().numpy(),
-        cluster=cluster.cpu().numpy(),
-        margin=margin.cpu().numpy(),
-    )
+        best = similarity[:, 0].cpu().numpy()
+        cluster = np.zeros(len(best), dtype=np.int64)
+        margin = np.ones_like(best)
+    return ClusterScores(score=np.clip(1.0 - best, 0.0, 2.0), cluster=cluster, margin=margin)

@@ -174,5 +174,7 @@ def embed(
         else:
             z = model.embed(batch)
         zs.append(z)
+    if len(zs) == 1:
+        return zs[0], (errors[0] if with_reconstruction_error else None)
     z = torch.cat(zs) if zs else torch.empty(0, model.config.embedding_dim, device=device)
-    return z, (torch.cat(errors) if with_reconstruction_error else None)
+    return z, (torch.cat(errors) if errors else None)
