@@ -85,7 +85,11 @@ def broker_connected(consumer) -> bool | None:
     """Whether the consumer holds a live connection to any broker (``None``: unknown)."""
     try:
         client = consumer._client
-        return any(client.connected(broker.nodeId) for broker in client.cluster.brokers())
+        # kafka-python 3 names the id node_id (MetadataResponseBroker); 2.x named it nodeId.
+        return any(
+            client.connected(broker.node_id if hasattr(broker, "node_id") else broker.nodeId)
+            for broker in client.cluster.brokers()
+        )
     except Exception:  # private API of kafka-python; the metric is best effort
         return None
 
@@ -470,9 +474,16 @@ class ScoringDaemon:
         log.info("partitions revoked: %s", sorted(f"{tp.topic}/{tp.partition}" for tp in revoked))
         done = {tp: offset for tp, offset in self._processed.items() if tp in revoked}
         if done:
+            # kafka-python 3 runs a synchronous listener on its IO thread, where a blocking
+            # commit() raises RuntimeError (and a listener that raises fails poll() at every
+            # rebalance, so the group never settles). An async commit is queued there instead,
+            # ahead of the rest of the rebalance; losing it costs duplicates, never records.
             try:
-                self._commit_sync(done)
-            except kafka_errors.KafkaError as exc:
+                self.consumer.commit_async(
+                    {tp: OffsetAndMetadata(offset, "", -1) for tp, offset in done.items()},
+                    callback=self._on_commit,
+                )
+            except Exception as exc:
                 log.warning("commit on revocation failed (records will be re-read): %s", exc)
         for tp in revoked:
             self._processed.pop(tp, None)
