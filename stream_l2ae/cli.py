@@ -26,6 +26,7 @@ from .evaluation import (
     precision_recall_at,
     roc_auc,
 )
+from .training import is_main_process
 
 log = logging.getLogger("stream_l2ae")
 
@@ -130,6 +131,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     data = load_dataset(args.data, label_field=args.label_field, limit=args.limit)
     print(f"training on {data.name}: {len(data):,} records", file=sys.stderr)
     detector = L2AEDetector(config, progress=not args.quiet).fit(data)
+    if not is_main_process():
+        return 0  # another rank of a torchrun job: rank 0 saves the same model
     metrics: dict[str, Any] = {}
     if _label_kind(data.y) == "anomaly":
         # Labels are only reported on, never used by fit.
@@ -196,6 +199,31 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_models(args: argparse.Namespace) -> int:
+    """``stream-l2ae models list|show|rollback``: inspect a model directory, move ``LATEST``."""
+    from .registry import describe_versions, format_table, rollback, show_version
+
+    root = args.dir or load_config(args.config)["model"]["dir"]
+    if args.models == "list":
+        rows = describe_versions(root)
+        if args.json:
+            print(json.dumps(rows, indent=2))
+        elif rows:
+            print(format_table(rows))
+        else:
+            print(f"no model versions in {root}", file=sys.stderr)
+    elif args.models == "show":
+        print(json.dumps(show_version(root, args.version), indent=2))
+    else:
+        from .bundle import latest_version
+
+        before = latest_version(root)
+        after = rollback(root, to=args.to)
+        note = " (unchanged)" if after == before else ""
+        print(f"LATEST: {before} -> {after}{note}")
+    return 0
+
+
 def _add_training_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=int, help="training epochs (default 20)")
     p.add_argument("--clusters", type=int, help="k of k-means (default 10)")
@@ -257,6 +285,21 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--device")
     b.add_argument("-q", "--quiet", action="store_true")
     b.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("models", help="list, inspect and roll back the versions of a model dir")
+    where = argparse.ArgumentParser(add_help=False)
+    where.add_argument("--dir", help="model directory (default: [model] dir of the config)")
+    where.add_argument("--config", help="TOML config file (see README)")
+    models = p.add_subparsers(dest="models", required=True)
+    m = models.add_parser("list", parents=[where], help="one line per version, LATEST marked")
+    m.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
+    m = models.add_parser("show", parents=[where], help="print a version's manifest as JSON")
+    m.add_argument("version", nargs="?", help="version name (default: the one LATEST names)")
+    m = models.add_parser(
+        "rollback", parents=[where], help="point LATEST at the previous (or a named) version"
+    )
+    m.add_argument("--to", help="version to put in service (default: the one before LATEST)")
+    p.set_defaults(func=cmd_models)
     _add_plugin_commands(sub)
     return parser
 
