@@ -37,6 +37,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import orjson
 from kafka import ConsumerRebalanceListener, TopicPartition
 from kafka import errors as kafka_errors
 from kafka.structs import OffsetAndMetadata
@@ -47,6 +48,7 @@ from stream_l2ae.device import configure_threads
 from stream_l2ae.errors import BundleError
 
 from .checkpoint import Checkpoint, CheckpointStore, CheckpointTimer
+from .drift import DriftMonitor
 from .kafka_io import ensure_topics, highwater_lag, make_consumer, make_producer
 from .metrics import DaemonMetrics
 from .processing import (
@@ -129,6 +131,8 @@ class ScoringDaemon:
         self._failed_versions: set[str] = set()
         self._last_model_check = 0.0
         self._processed: dict[TopicPartition, int] = {}
+        self.drift: DriftMonitor | None = None
+        self._last_drift_event = float("-inf")
 
     # ----- lifecycle ------------------------------------------------------------------------
     def request_stop(self, *_: object) -> None:
@@ -189,10 +193,13 @@ class ScoringDaemon:
         s = self.settings
         while not self.stopping:
             try:
-                ensure_topics(
-                    s.client_settings("admin"),
-                    [t for t in (s.alerts_topic, s.dead_letter_topic, s.scores_topic) if t],
+                outputs = (
+                    s.alerts_topic,
+                    s.dead_letter_topic,
+                    s.scores_topic,
+                    s.model_updates_topic,
                 )
+                ensure_topics(s.client_settings("admin"), [t for t in outputs if t])
                 self.producer = make_producer(s.client_settings("producer"))
                 self.consumer = make_consumer(
                     s.client_settings("consumer"),
@@ -299,6 +306,11 @@ class ScoringDaemon:
         )
         self.metrics.set_threshold(float(threshold.value))
         self.metrics.set_occupancy(detector.online.occupancy)
+        alert_rate = getattr(detector.threshold, "alert_rate", detector.config.alert_rate)
+        self.drift = DriftMonitor(
+            alert_rate, rate_factor=s.drift_rate_factor, persist_s=s.drift_persist_s
+        )
+        self.metrics.calibrated_alert_rate.set(alert_rate)
         log.info("serving model %s", detector.version)
 
     def maybe_swap_model(self, force: bool = False) -> bool:
@@ -510,8 +522,51 @@ class ScoringDaemon:
         if n_scores:
             m.scores_produced(n_scores)
         m.set_threshold(float(self.scorer.threshold.value))
+        self._watch_drift(outcome)
         m.set_centroid_movement(self.detector.online.last_movement_)
         m.set_occupancy(self.detector.online.occupancy)
+
+    def _watch_drift(self, outcome: BatchOutcome) -> None:
+        if not len(outcome.score):
+            return
+        status = self.drift.update(outcome.score, threshold=outcome.threshold)
+        self.metrics.set_drift(
+            score_drift=status.score_drift,
+            active=status.active,
+            alert_rate_ratio=status.alert_rate_ratio,
+        )
+        now = time.monotonic()
+        interval = self.settings.drift_event_interval_s
+        if status.persistent and now - self._last_drift_event >= interval:
+            self._last_drift_event = now
+            self._publish_drift_event(status)
+
+    def _publish_drift_event(self, status) -> None:
+        """Tell the retraining job (``stream-l2ae retrain --on-drift``); best effort."""
+        topic = self.settings.model_updates_topic
+        log.warning(
+            "persistent drift: alert rate %.2f%% (%.1fx calibrated), mean score %.4f",
+            100 * status.alert_rate,
+            status.alert_rate_ratio,
+            status.mean_score,
+        )
+        if not topic:
+            return
+        event = {
+            "type": "drift",
+            "replica": self.settings.replica_id,
+            "group": self.settings.group_id,
+            "model_version": self.detector.version,
+            "alert_rate": status.alert_rate,
+            "alert_rate_ratio": status.alert_rate_ratio,
+            "mean_score": status.mean_score,
+            "at": time.time(),
+        }
+        try:
+            self.producer.send(topic, key=b"drift", value=orjson.dumps(event))
+            self.metrics.drift_events.inc()
+        except kafka_errors.KafkaError as exc:
+            log.warning("could not publish the drift event: %s", exc)
 
     def checkpoint(self) -> None:
         try:

@@ -303,12 +303,31 @@ class DaemonMetrics:
             "model_created_timestamp_seconds", "Unix time the model in service was saved."
         )
 
+        # --- drift ---
+        self.score_drifts = counter("score_drifts", "Changes in the mean score detected by ADWIN.")
+        self.drift_events = counter(
+            "drift_events", "Persistent-drift events published to trigger a retrain."
+        )
+        self.drift_active = gauge("drift_active", "1 while a drift signal is on, else 0.")
+        self.alert_rate_ratio = gauge(
+            "alert_rate_ratio", "Recent alert rate divided by the calibrated alert rate."
+        )
+        self.calibrated_alert_rate = gauge(
+            "calibrated_alert_rate", "Share of alerts the threshold was calibrated for."
+        )
+
         # --- info ---
         self.model = Info(
             "model", "The model bundle in service.", namespace=namespace, registry=self.registry
         )
 
     # --- per batch ---------------------------------------------------------------------------
+
+    def set_drift(self, *, score_drift: bool, active: bool, alert_rate_ratio: float) -> None:
+        if score_drift:
+            self.score_drifts.inc()
+        self.drift_active.set(1.0 if active else 0.0)
+        self.alert_rate_ratio.set(alert_rate_ratio)
 
     def observe_batch(
         self,

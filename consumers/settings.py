@@ -44,6 +44,10 @@ class ServeSettings:
     replica_id: str = field(default_factory=socket.gethostname)
     torch_threads: int | None = 1
     device: str = "auto"
+    model_updates_topic: str | None = "stream-l2ae-model-updates"
+    drift_rate_factor: float = 3.0
+    drift_persist_s: float = 60.0
+    drift_event_interval_s: float = 300.0
     retry_backoff_initial_s: float = 0.5
     retry_backoff_max_s: float = 30.0
     kafka: dict[str, Any] = field(default_factory=lambda: {"bootstrap_servers": "localhost:9092"})
