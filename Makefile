@@ -20,12 +20,12 @@ demo: install
 	$(BIN)/stream-l2ae demo
 
 test: install
-	$(BIN)/ruff check stream_l2ae consumers tests bench
+	$(BIN)/ruff check stream_l2ae consumers trainer tests bench
 	$(BIN)/pytest
 
 lint: install
-	$(BIN)/ruff check stream_l2ae consumers tests bench
-	$(BIN)/ruff format --check stream_l2ae consumers tests bench
+	$(BIN)/ruff check stream_l2ae consumers trainer tests bench
+	$(BIN)/ruff format --check stream_l2ae consumers trainer tests bench
 
 bench: install
 	$(BIN)/python bench/scoring_throughput.py

@@ -1,0 +1,1 @@
+"""Periodic retraining job for stream-l2ae: window, train, gate, publish."""
