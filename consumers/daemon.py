@@ -61,6 +61,7 @@ from .processing import (
     score_messages,
 )
 from .settings import ServeSettings
+from .state_sync import CentroidStateSync
 
 log = logging.getLogger("stream_l2ae.daemon")
 
@@ -132,6 +133,7 @@ class ScoringDaemon:
         self._last_model_check = 0.0
         self._processed: dict[TopicPartition, int] = {}
         self.drift: DriftMonitor | None = None
+        self.state_sync: CentroidStateSync | None = None
         self._last_drift_event = float("-inf")
 
     # ----- lifecycle ------------------------------------------------------------------------
@@ -207,6 +209,7 @@ class ScoringDaemon:
                     max_poll_records=s.batch_size,
                     **self.consumer_overrides,
                 )
+                self._start_state_sync()
                 self.consumer.subscribe(list(s.input_topics), listener=_CommitOnRevoke(self))
                 self._processed.clear()
                 self._broker_down = False
@@ -217,6 +220,31 @@ class ScoringDaemon:
             except (kafka_errors.KafkaError, OSError) as exc:
                 self._close_clients()
                 self._broker_trouble(exc)
+
+    def _start_state_sync(self) -> None:
+        s = self.settings
+        if not s.state_topic or self.state_sync is not None:
+            return
+        ensure_topics(
+            s.client_settings("admin"), [s.state_topic], config={"cleanup.policy": "compact"}
+        )
+        self.state_sync = CentroidStateSync(
+            s.client_settings("consumer"),
+            s.state_topic,
+            s.replica_id,
+            publish_interval_s=s.state_publish_interval_s,
+            peer_timeout_s=s.peer_timeout_s,
+        )
+        peers = self.state_sync.catch_up(self.detector.online, self.detector.version)
+        log.info("joined the shared centroid state: %d peer states merged", peers)
+
+    def _sync_state(self) -> None:
+        if self.state_sync is None:
+            return
+        try:
+            self.state_sync.tick(self.detector.online, self.detector.version)
+        except kafka_errors.KafkaError as exc:
+            log.warning("centroid state sync failed (retried later): %s", exc)
 
     def _close_clients(self) -> None:
         for client in (self.consumer, self.producer):
@@ -242,6 +270,13 @@ class ScoringDaemon:
                 self.producer.flush(timeout=10)
             except kafka_errors.KafkaError as exc:
                 log.warning("flush on shutdown failed: %s", exc)
+        if self.state_sync is not None:
+            try:
+                self.state_sync.publish(self.detector.online, self.detector.version)
+            except kafka_errors.KafkaError as exc:
+                log.warning("could not publish the final centroid state: %s", exc)
+            self.state_sync.close()
+            self.state_sync = None
         self._close_clients()
         self.metrics.close()
         log.info("stopped after %d records", self.records_seen)
@@ -360,6 +395,7 @@ class ScoringDaemon:
         )
         if not records:
             self._idle()
+            self._sync_state()
             return 0
         started = time.perf_counter()
         batch = InputBatch.from_records(records)
@@ -376,6 +412,7 @@ class ScoringDaemon:
         self._broker_ok()
         self.records_seen += len(batch)
         self._observe(batch, outcome, n_scores, time.perf_counter() - started)
+        self._sync_state()
         if self.checkpoint_timer.due():
             self.checkpoint()
         return len(batch)

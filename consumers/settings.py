@@ -45,6 +45,9 @@ class ServeSettings:
     torch_threads: int | None = 1
     device: str = "auto"
     model_updates_topic: str | None = "stream-l2ae-model-updates"
+    state_topic: str | None = None
+    state_publish_interval_s: float = 10.0
+    peer_timeout_s: float = 120.0
     drift_rate_factor: float = 3.0
     drift_persist_s: float = 60.0
     drift_event_interval_s: float = 300.0
@@ -77,6 +80,11 @@ class ServeSettings:
         if self.online_clock not in ONLINE_CLOCKS:
             raise ConfigError(
                 f"online_clock must be one of {ONLINE_CLOCKS}, got {self.online_clock!r}"
+            )
+        if self.state_topic and self.online_clock != "event_time":
+            raise ConfigError(
+                "replicas sharing centroids through state_topic must decay on the same clock: "
+                f"set online_clock = 'event_time' (got {self.online_clock!r})"
             )
         if not isinstance(self.kafka, dict) or not self.kafka.get("bootstrap_servers"):
             raise ConfigError("[kafka] bootstrap_servers must be set")

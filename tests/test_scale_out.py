@@ -1,0 +1,133 @@
+"""Scale-out: replicas in one consumer group split the partitions and share their centroids."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import orjson
+import pytest
+import torch
+from kafka import KafkaConsumer, TopicPartition
+
+from consumers.daemon import ScoringDaemon
+from consumers.produce import produce_dataset
+from consumers.settings import ServeSettings
+from stream_l2ae.datasets import load_dataset
+from stream_l2ae.detector import L2AEDetector
+from stream_l2ae.errors import ConfigError
+from tests.kafka_fixtures import FAST_GROUP_SETTINGS
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    L2AEDetector(epochs=3, n_clusters=5, n_init=2, progress=False).fit(
+        load_dataset("shuttle", limit=5000)
+    ).save(root)
+    torch.set_num_threads(threads)
+    return root
+
+
+def read_topic(kafka_settings: dict, topic: str, partitions: int, idle_s: float = 3.0) -> list:
+    consumer = KafkaConsumer(**kafka_settings, enable_auto_commit=False)
+    tps = [TopicPartition(topic, p) for p in range(partitions)]
+    consumer.assign(tps)
+    consumer.seek_to_beginning(*tps)
+    out, last = [], time.monotonic()
+    while time.monotonic() - last < idle_s:
+        polled = consumer.poll(timeout_ms=300)
+        for records in polled.values():
+            out += [orjson.loads(r.value) for r in records]
+            last = time.monotonic()
+    consumer.close()
+    return out
+
+
+class Replica:
+    """A daemon stepping in a thread of the test process."""
+
+    def __init__(self, settings: ServeSettings) -> None:
+        self.daemon = ScoringDaemon(settings, consumer_overrides=FAST_GROUP_SETTINGS)
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.run, daemon=True)
+
+    def run(self) -> None:
+        self.daemon._load_initial_model()
+        self.daemon._connect()
+        while not self.stop.is_set():
+            self.daemon.step()
+        self.daemon._shutdown()
+
+    def start(self) -> Replica:
+        self.thread.start()
+        return self
+
+    def finish(self) -> None:
+        self.stop.set()
+        self.thread.join(timeout=60)
+
+
+def test_sharing_state_needs_event_time():
+    with pytest.raises(ConfigError, match="event_time"):
+        ServeSettings(state_topic="state", online_clock="records")
+
+
+def test_three_replicas_score_each_record_once_and_converge(
+    kafka_settings, topic_factory, model_dir, tmp_path
+):
+    events = topic_factory(3)
+    scores = topic_factory(3)
+    state = topic_factory(1)
+    group = f"replicas-{time.time_ns()}"
+    replicas = [
+        Replica(
+            ServeSettings(
+                input_topics=(events,),
+                group_id=group,
+                replica_id=f"r{i}",
+                alerts_topic=topic_factory(1),
+                dead_letter_topic=topic_factory(1),
+                scores_topic=scores,
+                state_topic=state,
+                online_clock="event_time",
+                state_publish_interval_s=0.3,
+                model_updates_topic=None,
+                model_dir=str(model_dir),
+                checkpoint_dir=str(tmp_path / "ckpt"),
+                batch_size=512,
+                metrics_port=0,
+                kafka=kafka_settings,
+            )
+        ).start()
+        for i in range(3)
+    ]
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not all(
+            r.daemon.consumer is not None and r.daemon.consumer.assignment() for r in replicas
+        ):
+            time.sleep(0.2)
+        stream = load_dataset("shuttle", limit=12000).split(5000)[1]
+        produce_dataset(kafka_settings, stream, events, progress=False)
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and sum(r.daemon.records_seen for r in replicas) < len(
+            stream
+        ):
+            time.sleep(0.2)
+        assert sum(r.daemon.records_seen for r in replicas) == len(stream)
+        assert sum(1 for r in replicas if r.daemon.records_seen) >= 2  # the work was split
+        time.sleep(2.0)  # a few publish/merge rounds after the last batch
+        centroids = [r.daemon.detector.online.centroids for r in replicas]
+    finally:
+        for replica in replicas:
+            replica.finish()
+    published = read_topic(kafka_settings, scores, 3)
+    keys = [doc["source"]["key"] for doc in published]
+    assert len(keys) == len(stream) and len(set(keys)) == len(stream)  # exactly once
+    for other in centroids[1:]:
+        np.testing.assert_allclose(other, centroids[0], atol=1e-6)
+    assert not np.allclose(centroids[0], replicas[0].daemon.detector.online.initial_centroids)
