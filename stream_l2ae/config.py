@@ -37,7 +37,13 @@ DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 
-def _parse_env_value(text: str) -> Any:
+#: Keys whose environment values are always taken as strings: a password of digits is no number.
+_STRING_KEY_PARTS = ("password", "username", "secret", "token", "principal")
+
+
+def _parse_env_value(text: str, key: str = "") -> Any:
+    if any(part in key for part in _STRING_KEY_PARTS):
+        return text
     try:
         return tomllib.loads(f"value = {text}")["value"]
     except tomllib.TOMLDecodeError:
@@ -54,6 +60,8 @@ def load_config(
     >>> config = load_config(environ={"STREAM_L2AE_DETECTOR__EPOCHS": "5"})
     >>> config["detector"]["epochs"], config["model"]["dir"]
     (5, 'models')
+    >>> load_config(environ={"STREAM_L2AE_KAFKA__SASL_PLAIN_PASSWORD": "1234"})["kafka"]
+    {'sasl_plain_password': '1234'}
     """
     config = {table: dict(values) for table, values in DEFAULTS.items()}
     if path is not None:
@@ -76,5 +84,5 @@ def load_config(
         node = config.setdefault(table, {})
         for part in path[:-1]:
             node = node.setdefault(part, {})
-        node[path[-1]] = _parse_env_value(text)
+        node[path[-1]] = _parse_env_value(text, path[-1])
     return config

@@ -177,9 +177,12 @@ def test_config_scrapes_the_daemons_and_loads_the_rules(yaml, rules):
     assert config["global"]["scrape_interval"] == "15s"
     assert [PROMETHEUS / path for path in config["rule_files"]] == [RULES]
     (job,) = [job for job in config["scrape_configs"] if job["job_name"] == JOB]
-    targets = [t for static in job["static_configs"] for t in static["targets"]]
     port = ServeSettings().metrics_port
-    assert targets and all(target.endswith(f":{port}") for target in targets)
+    targets = [t for static in job.get("static_configs", []) for t in static["targets"]]
+    discovered = job.get("dns_sd_configs", [])
+    assert targets or discovered
+    assert all(target.endswith(f":{port}") for target in targets)
+    assert all(sd["port"] == port for sd in discovered)
     # The rules select the daemons by this job name.
     selectors = set(re.findall(r'job="([^"]+)"', " ".join(rule["expr"] for rule in rules)))
     assert selectors == {JOB}
