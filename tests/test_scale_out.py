@@ -131,3 +131,125 @@ def test_three_replicas_score_each_record_once_and_converge(
     for other in centroids[1:]:
         np.testing.assert_allclose(other, centroids[0], atol=1e-6)
     assert not np.allclose(centroids[0], replicas[0].daemon.detector.online.initial_centroids)
+
+
+def _write_replica_config(
+    path, *, kafka_settings, events, scores, state, group, model_dir, replica, port, workdir
+) -> None:
+    path.write_text(
+        f'[serve]\ninput_topics = ["{events}"]\ngroup_id = "{group}"\nreplica_id = "{replica}"\n'
+        f'alerts_topic = "{events}-alerts"\ndead_letter_topic = "{events}-dead"\n'
+        f'scores_topic = "{scores}"\nstate_topic = "{state}"\nonline_clock = "event_time"\n'
+        f'state_publish_interval_s = 0.5\nmodel_dir = "{model_dir}"\n'
+        f'checkpoint_dir = "{workdir / "ckpt"}"\nmetrics_port = {port}\n'
+        'metrics_host = "127.0.0.1"\nbatch_size = 256\ncheckpoint_interval_s = 1.0\n'
+        f'\n[kafka]\nbootstrap_servers = "{kafka_settings["bootstrap_servers"]}"\n'
+        "\n[kafka.consumer]\nsession_timeout_ms = 2000\nheartbeat_interval_ms = 500\n"
+    )
+
+
+def test_a_killed_replica_loses_no_record(kafka_settings, topic_factory, model_dir, tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    from consumers.demo import scrape
+    from consumers.embedded_broker import free_port
+    from consumers.kafka_io import ensure_topics
+
+    events, scores, state = topic_factory(3), topic_factory(3), topic_factory(1)
+    ensure_topics(kafka_settings, {f"{events}-alerts": 1, f"{events}-dead": 1})
+    group = f"killed-{time.time_ns()}"
+    processes, ports = [], []
+    for i in range(3):
+        port = free_port()
+        config = tmp_path / f"r{i}.toml"
+        _write_replica_config(
+            config,
+            kafka_settings=kafka_settings,
+            events=events,
+            scores=scores,
+            state=state,
+            group=group,
+            model_dir=model_dir,
+            replica=f"r{i}",
+            port=port,
+            workdir=tmp_path,
+        )
+        log = open(tmp_path / f"r{i}.log", "wb")  # noqa: SIM115 - the process owns it
+        processes.append(
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "stream_l2ae.cli",
+                    "--threads",
+                    "1",
+                    "serve",
+                    "--config",
+                    str(config),
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        )
+        ports.append(port)
+
+    def consumed(port: int) -> float:
+        try:
+            return scrape(port).get("stream_l2ae_records_consumed_total", 0.0)
+        except OSError:
+            return 0.0
+
+    try:
+        stream = load_dataset("shuttle", limit=20000).split(5000)[1]
+        producer = threading.Thread(
+            target=produce_dataset,
+            args=(kafka_settings, stream, events),
+            kwargs={"rate": 3000, "progress": False},
+            daemon=True,
+        )
+        producer.start()
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and consumed(ports[0]) < 500:
+            time.sleep(0.2)
+        assert consumed(ports[0]) >= 500, (tmp_path / "r0.log").read_text()[-2000:]
+        processes[0].send_signal(signal.SIGKILL)  # mid-stream, without a goodbye
+        processes[0].wait(timeout=10)
+        producer.join(timeout=60)
+        expected = {str(i) for i in range(len(stream))}  # produce_dataset keys by index
+        seen: set[str] = set()
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and not expected <= seen:
+            seen |= {doc["source"]["key"] for doc in read_topic(kafka_settings, scores, 3, 1.5)}
+        assert expected <= seen, f"{len(expected - seen)} records never scored"
+    finally:
+        for process in processes[1:]:
+            process.send_signal(signal.SIGTERM)
+        for process in processes:
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
+def test_a_silent_replica_stops_counting(kafka_settings, topic_factory):
+    from consumers.state_sync import CentroidStateSync
+    from stream_l2ae.online import OnlineCentroids
+
+    state = topic_factory(1)
+    centroids = np.eye(3)
+    a, b = OnlineCentroids(centroids), OnlineCentroids(centroids)
+    b.partial_fit(np.array([[1.0, 1.0, 0.0]] * 10), np.zeros(10, dtype=int))
+    sync_b = CentroidStateSync(kafka_settings, state, "b", peer_timeout_s=1.0)
+    sync_a = CentroidStateSync(kafka_settings, state, "a", peer_timeout_s=1.0)
+    try:
+        sync_b.publish(b, "v1")
+        assert sync_a.catch_up(a, "v1") == 1
+        assert "b" in a.peers and a.counts[0] == pytest.approx(10.0, rel=0.01)
+        time.sleep(1.2)
+        sync_a.merge(a, "v1")
+        assert "b" not in a.peers and a.counts[0] == 0.0
+    finally:
+        sync_a.close()
+        sync_b.close()
