@@ -193,3 +193,88 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def test_running_daemon_swaps_to_the_promoted_version(kafka_settings, topic_factory, tmp_path):
+    events, scores, updates = topic_factory(2), topic_factory(2), topic_factory(1)
+    shuttle = load_dataset("shuttle", limit=9000)
+    model_dir = tmp_path / "models"
+    first = L2AEDetector(**SMALL, progress=False).fit(shuttle.head(3000)).save(model_dir)
+    serve = ServeSettings(
+        input_topics=(events,),
+        group_id=f"g-{time.time_ns()}",
+        alerts_topic=topic_factory(1),
+        dead_letter_topic=topic_factory(1),
+        scores_topic=scores,
+        model_updates_topic=updates,
+        model_dir=str(model_dir),
+        checkpoint_dir=str(tmp_path / "ckpt"),
+        metrics_port=0,
+        batch_size=256,
+        model_poll_interval_s=0.2,
+        kafka=kafka_settings,
+    )
+    daemon = ScoringDaemon(serve, consumer_overrides=FAST_GROUP_SETTINGS)
+    stop = threading.Event()
+
+    def serve_forever():
+        daemon._load_initial_model()
+        daemon._connect()
+        while not stop.is_set():
+            daemon.step()
+        daemon._shutdown()
+
+    server = threading.Thread(target=serve_forever, daemon=True)
+    server.start()
+    stream = shuttle.split(3000)[1]
+    producer = threading.Thread(
+        target=produce_dataset,
+        args=(kafka_settings, stream, events),
+        kwargs={"rate": 1500, "progress": False},
+        daemon=True,
+    )
+    try:
+        producer.start()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and daemon.records_seen < 600:
+            time.sleep(0.1)  # the first model scores part of the stream
+        result = retrain(
+            RetrainSettings(
+                input_topics=(events,),
+                last_n=1500,
+                model_dir=str(model_dir),
+                model_updates_topic=updates,
+                exclude_alerts=False,
+                margin=0.99,
+                margins={},
+                detector=SMALL,
+                kafka=kafka_settings,
+            ),
+            progress=False,
+        )
+        producer.join(timeout=60)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and daemon.records_seen < len(stream):
+            time.sleep(0.2)
+    finally:
+        stop.set()
+        server.join(timeout=30)
+    assert result.promoted, result.decision.table()
+    assert daemon.detector.version == result.version != first.version
+    assert daemon.metrics.model_swaps._value.get() == 1
+    assert daemon.records_seen == len(stream)
+    published = []
+    consumer = KafkaConsumer(**kafka_settings, enable_auto_commit=False)
+    tps = [TopicPartition(scores, p) for p in range(2)]
+    consumer.assign(tps)
+    consumer.seek_to_beginning(*tps)
+    while len(published) < len(stream):
+        polled = consumer.poll(timeout_ms=2000)
+        if not polled:
+            break
+        published += [orjson.loads(r.value) for rs in polled.values() for r in rs]
+    consumer.close()
+    keys = [doc["source"]["key"] for doc in published]
+    assert len(keys) == len(set(keys)) == len(stream)  # nothing lost, nothing scored twice
+    versions = {doc["model_version"] for doc in published}
+    assert versions == {first.version, result.version}
