@@ -177,13 +177,9 @@ class ScoringDaemon:
         self._backoff = self.settings.retry_backoff_initial_s
         self.metrics.set_broker_up(True)
         if was_down:
-            # Fresh clients after an outage: a broker that lost its log (or a failover) may not
-            # answer a stale fetch position with OffsetOutOfRange, so restart from the group's
-            # committed offsets instead.
-            log.info("broker reachable again: reconnecting from the committed offsets")
+            log.info("broker reachable again: resuming from the committed offsets")
             self.metrics.broker_reconnected()
-            self._close_clients()
-            self._connect()
+            self._resume_from_committed()
 
     def _broker_trouble(self, exc: BaseException) -> None:
         self._broker_down = True
@@ -245,6 +241,24 @@ class ScoringDaemon:
             self.state_sync.tick(self.detector.online, self.detector.version)
         except kafka_errors.KafkaError as exc:
             log.warning("centroid state sync failed (retried later): %s", exc)
+
+    def _resume_from_committed(self) -> None:
+        """Seek the assigned partitions back to the group's committed offsets.
+
+        A broker that lost its log (or a failover to a lagging replica) may not answer a stale
+        fetch position with OffsetOutOfRange, so the position is re-derived from the commits;
+        without a commit, from the beginning. The consumer itself is kept: closing it while
+        kafka-python re-joins the group can leave a ghost member behind.
+        """
+        for tp in list(self.consumer.assignment()):
+            try:
+                committed = self.consumer.committed(tp, timeout_ms=5000)
+                if committed is None:
+                    self.consumer.seek_to_beginning(tp)
+                else:
+                    self.consumer.seek(tp, committed)
+            except (kafka_errors.KafkaError, AssertionError) as exc:
+                log.warning("could not re-seek %s/%d: %s", tp.topic, tp.partition, exc)
 
     def _close_clients(self) -> None:
         for client in (self.consumer, self.producer):
