@@ -10,8 +10,10 @@ Delivery guarantees
 3. only then commits the batch's offsets (``last offset + 1`` per partition).
 
 The per-batch commit is asynchronous: it is sent after the acknowledgements, never before, and a
-lost commit is covered by the next one, which carries higher offsets. On partition revocation and
-on shutdown the last processed offsets are committed synchronously.
+lost commit is covered by the next one, which carries higher offsets. On shutdown the last
+processed offsets are committed synchronously; on partition revocation they are committed
+asynchronously from kafka-python's network thread (where a blocking commit is not allowed), so a
+commit lost in a rebalance means the new owner reads a batch again: a duplicate, never a loss.
 
 If step 2 fails, the consumer seeks back to the batch's first offsets, the centroid and
 threshold state are restored from the snapshot, and the batch is processed again once the broker
@@ -66,6 +68,8 @@ from .state_sync import CentroidStateSync
 log = logging.getLogger("stream_l2ae.daemon")
 
 PUBLISH_TIMEOUT_S = 30.0
+#: A refused model version is tried again after this long (the volume may have been flaky).
+MODEL_RETRY_S = 60.0
 COMMIT_TIMEOUT_MS = 15_000
 
 
@@ -129,7 +133,8 @@ class ScoringDaemon:
         self.metrics_port: int | None = None
         self._backoff = settings.retry_backoff_initial_s
         self._broker_down = False
-        self._failed_versions: set[str] = set()
+        self._failed_versions: dict[str, float] = {}
+        self._resume_pending = False
         self._last_model_check = 0.0
         self._processed: dict[TopicPartition, int] = {}
         self.drift: DriftMonitor | None = None
@@ -179,7 +184,7 @@ class ScoringDaemon:
         if was_down:
             log.info("broker reachable again: resuming from the committed offsets")
             self.metrics.broker_reconnected()
-            self._resume_from_committed()
+            self._resume_pending = True
 
     def _broker_trouble(self, exc: BaseException) -> None:
         self._broker_down = True
@@ -373,13 +378,16 @@ class ScoringDaemon:
         except (BundleError, OSError) as exc:
             log.warning("cannot read the model directory: %s", exc)
             return False
-        if version is None or version == self.detector.version or version in self._failed_versions:
+        refused_at = self._failed_versions.get(version)
+        if version is None or version == self.detector.version:
+            return False
+        if refused_at is not None and now - refused_at < MODEL_RETRY_S:
             return False
         try:
             bundle = load_bundle(Path(self.settings.model_dir) / "versions" / version)
             detector = L2AEDetector.from_bundle(bundle, device=self.settings.device)
         except BundleError as exc:
-            self._failed_versions.add(version)
+            self._failed_versions[version] = now
             log.error("model %s refused, keeping %s: %s", version, self.detector.version, exc)
             return False
         previous = self.detector
@@ -396,6 +404,14 @@ class ScoringDaemon:
         if self.consumer is None:
             self._connect()
             return 0
+        if self._resume_pending:
+            self._resume_pending = False
+            if self._processed:
+                try:
+                    self._commit_sync(self._processed)
+                except kafka_errors.KafkaError as exc:
+                    log.warning("commit before resuming failed: %s", exc)
+            self._resume_from_committed()
         try:
             polled = self.consumer.poll(
                 timeout_ms=self.settings.poll_timeout_ms, max_records=self.settings.batch_size
@@ -404,6 +420,7 @@ class ScoringDaemon:
             self._broker_trouble(exc)
             return 0
         records = [record for partition in polled.values() for record in partition]
+        ranges = {tp: (rs[0].offset, rs[-1].offset) for tp, rs in polled.items() if rs}
         self.metrics.set_lag(
             {(tp.topic, tp.partition): lag for tp, lag in highwater_lag(self.consumer).items()}
         )
@@ -417,10 +434,10 @@ class ScoringDaemon:
         outcome = self.scorer.process(batch)
         try:
             n_scores = self._publish(batch, outcome)
-            self._commit(batch)
+            self._commit(ranges)
         except (BrokerUnavailable, kafka_errors.KafkaError) as exc:
             self._restore(snapshot)
-            self._rewind(batch)
+            self._rewind(ranges)
             self._broker_trouble(exc)
             return 0
         self._broker_ok()
@@ -482,20 +499,9 @@ class ScoringDaemon:
             raise BrokerUnavailable(f"{len(failed)} sends failed: {failed[0].exception}")
         return n_scores
 
-    @staticmethod
-    def _next_offsets(batch: InputBatch) -> dict[TopicPartition, int]:
-        next_offsets: dict[TopicPartition, int] = {}
-        for topic, partition, offset in zip(
-            batch.topics, batch.partitions.tolist(), batch.offsets.tolist(), strict=True
-        ):
-            tp = TopicPartition(topic, partition)
-            if offset + 1 > next_offsets.get(tp, -1):
-                next_offsets[tp] = offset + 1
-        return next_offsets
-
-    def _commit(self, batch: InputBatch) -> None:
+    def _commit(self, ranges: dict[TopicPartition, tuple[int, int]]) -> None:
         """Commit asynchronously the batch whose outputs the broker has acknowledged."""
-        offsets = self._next_offsets(batch)
+        offsets = {tp: last + 1 for tp, (_, last) in ranges.items()}
         self._processed.update(offsets)
         self.consumer.commit_async(
             {tp: OffsetAndMetadata(offset, "", -1) for tp, offset in offsets.items()},
@@ -520,14 +526,9 @@ class ScoringDaemon:
             raise
         self.metrics.committed()
 
-    def _rewind(self, batch: InputBatch) -> None:
-        first: dict[TopicPartition, int] = {}
-        for topic, partition, offset in zip(
-            batch.topics, batch.partitions.tolist(), batch.offsets.tolist(), strict=True
-        ):
-            tp = TopicPartition(topic, partition)
-            first[tp] = min(offset, first.get(tp, offset))
-        for tp, offset in first.items():
+    def _rewind(self, ranges: dict[TopicPartition, tuple[int, int]]) -> None:
+        starts = {tp: start for tp, (start, _) in ranges.items()}
+        for tp, offset in starts.items():
             try:
                 self.consumer.seek(tp, offset)
             except (kafka_errors.IllegalStateError, AssertionError):

@@ -283,7 +283,7 @@ class DaemonMetrics:
         self.threshold = gauge("threshold", "Current alert threshold on the anomaly score.")
         self.consumer_lag = gauge(
             "consumer_lag_records",
-            "Records between the committed offset and the end of each assigned partition.",
+            "Records between the consumer's position and the high watermark, per partition.",
             ["topic", "partition"],
         )
         self.centroid_movement = gauge(

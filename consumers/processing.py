@@ -24,6 +24,8 @@ from stream_l2ae.thresholds import (
 )
 
 DECODE = "decode"
+#: Dead letters keep at most this much of the original value (and say so in a header).
+DEAD_LETTER_MAX_VALUE_BYTES = 65_536
 TOO_LARGE = "too_large"
 
 
@@ -265,5 +267,9 @@ def dead_letter_message(
     ]
     if letter.field is not None:
         headers.append(("dlq.field", letter.field.encode()))
-    value = batch.values[letter.index]
-    return batch.keys[letter.index], value if value is not None else b"", headers
+    value = batch.values[letter.index] or b""
+    if len(value) > DEAD_LETTER_MAX_VALUE_BYTES:
+        # The broker would refuse the whole record (max.request.size), blocking the daemon.
+        headers += [("dlq.original_bytes", str(len(value)).encode()), ("dlq.truncated", b"true")]
+        value = value[:DEAD_LETTER_MAX_VALUE_BYTES]
+    return batch.keys[letter.index], value, headers

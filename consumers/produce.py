@@ -52,7 +52,7 @@ def produce_dataset(
     producer=None,
 ) -> int:
     """Send ``data[offset:offset + limit]`` to ``topic`` at ``rate`` records/s (default: as fast
-    as possible); returns the number of records sent and acknowledged."""
+    as possible); returns the number of records sent (the producer is flushed before return)."""
     stop = len(data) if limit is None else min(len(data), offset + limit)
     own_producer = producer is None
     producer = producer or make_producer(kafka_settings)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from stream_l2ae.config import load_config
+from stream_l2ae.config import coerce_to_fields, load_config
 from stream_l2ae.errors import ConfigError
 
 THRESHOLD_MODES = ("bundle", "streaming", "spot")
@@ -37,7 +37,7 @@ class ServeSettings:
     poll_timeout_ms: int = 200
     max_record_bytes: int = 1_048_576
     metrics_host: str = "0.0.0.0"
-    metrics_port: int = 9108
+    metrics_port: int | None = 9108
     online_update: bool = True
     online_clock: str = "records"
     threshold: str = "bundle"
@@ -62,7 +62,13 @@ class ServeSettings:
         object.__setattr__(self, "input_topics", tuple(topics))
         if not self.input_topics:
             raise ConfigError("input_topics must name at least one topic")
-        outputs = {self.alerts_topic, self.dead_letter_topic, self.scores_topic} - {None}
+        outputs = {
+            self.alerts_topic,
+            self.dead_letter_topic,
+            self.scores_topic,
+            self.state_topic,
+            self.model_updates_topic,
+        } - {None}
         looping = outputs & set(self.input_topics)
         if looping:
             raise ConfigError(f"topic {sorted(looping)[0]!r} is both an input and an output")
@@ -70,7 +76,7 @@ class ServeSettings:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-        if not 0 <= self.metrics_port <= 65535:
+        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
             raise ConfigError(f"metrics_port must be a port number, got {self.metrics_port!r}")
         for name in ("checkpoint_interval_s", "model_poll_interval_s", "retry_backoff_initial_s"):
             if not getattr(self, name) > 0:
@@ -130,5 +136,5 @@ def load_serve_settings(
     if unknown:
         raise ConfigError(f"unknown [serve] settings {sorted(unknown)}; known: {sorted(known)}")
     kafka = {"bootstrap_servers": "localhost:9092", **config.get("kafka", {})}
-    settings = ServeSettings(**serve, kafka=kafka)
+    settings = ServeSettings(**coerce_to_fields(serve, ServeSettings), kafka=kafka)
     return settings.with_overrides(**overrides)

@@ -21,11 +21,11 @@ import time
 
 import numpy as np
 import orjson
-from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka import TopicPartition
 
 from stream_l2ae.online import CentroidStatistics, OnlineCentroids
 
-from .kafka_io import client_config
+from .kafka_io import make_consumer, make_producer
 
 log = logging.getLogger("stream_l2ae.state_sync")
 
@@ -79,15 +79,8 @@ class CentroidStateSync:
         self.replica_id = replica_id
         self.publish_interval_s = publish_interval_s
         self.peer_timeout_s = peer_timeout_s
-        self.producer = KafkaProducer(**client_config(kafka_settings, "producer"))
-        self.consumer = KafkaConsumer(
-            **{
-                **client_config(kafka_settings, "consumer"),
-                "group_id": None,
-                "enable_auto_commit": False,
-                "auto_offset_reset": "earliest",
-            }
-        )
+        self.producer = make_producer(kafka_settings)
+        self.consumer = make_consumer(kafka_settings, None)
         partitions = self.consumer.partitions_for_topic(state_topic) or {0}
         assigned = [TopicPartition(state_topic, p) for p in sorted(partitions)]
         self.consumer.assign(assigned)
@@ -96,10 +89,10 @@ class CentroidStateSync:
         self.peer_seen: dict[str, float] = {}
 
     def publish(self, online: OnlineCentroids, model_version: str) -> None:
+        self._last_publish = time.monotonic()  # a broken broker must not stall every batch
         value = encode_state(self.replica_id, model_version, online.statistics())
         self.producer.send(self.state_topic, key=self.replica_id.encode(), value=value)
-        self.producer.flush(timeout=10)
-        self._last_publish = time.monotonic()
+        self.producer.flush(timeout=5)
 
     def merge(self, online: OnlineCentroids, model_version: str, timeout_ms: int = 0) -> int:
         """Read new peer states and apply those of the same model; returns how many applied."""

@@ -22,6 +22,7 @@ from __future__ import annotations
 import os
 import tomllib
 from collections.abc import Mapping
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +49,31 @@ def _parse_env_value(text: str, key: str = "") -> Any:
         return tomllib.loads(f"value = {text}")["value"]
     except tomllib.TOMLDecodeError:
         return text
+
+
+def coerce_to_fields(values: dict[str, Any], dataclass_type: type) -> dict[str, Any]:
+    """Turn numbers back into strings for the fields of ``dataclass_type`` typed ``str``.
+
+    An environment value is parsed as TOML, so ``STREAM_L2AE_SERVE__GROUP_ID=2024`` arrives as an
+    integer; a string field gets the text back.
+
+    Examples
+    --------
+    >>> from dataclasses import dataclass
+    >>> @dataclass
+    ... class Example:
+    ...     group_id: str = "g"
+    ...     batch_size: int = 1
+    >>> coerce_to_fields({"group_id": 2024, "batch_size": 8}, Example)
+    {'group_id': '2024', 'batch_size': 8}
+    """
+    string_fields = {f.name for f in fields(dataclass_type) if str(f.type) in ("str", "str | None")}
+    return {
+        key: str(value)
+        if key in string_fields and isinstance(value, (int, float)) and not isinstance(value, bool)
+        else value
+        for key, value in values.items()
+    }
 
 
 def load_config(

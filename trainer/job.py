@@ -243,8 +243,13 @@ def watch_drift(
             if idle_timeout_s is not None and time.monotonic() - last_event > idle_timeout_s:
                 break
             polled = consumer.poll(timeout_ms=500)
-            events = [orjson.loads(r.value) for rs in polled.values() for r in rs]
-            drift = [e for e in events if e.get("type") == "drift"]
+            events = []
+            for record in (r for rs in polled.values() for r in rs):
+                try:
+                    events.append(orjson.loads(record.value))
+                except (orjson.JSONDecodeError, TypeError):
+                    log.warning("ignoring a malformed record on %s", settings.model_updates_topic)
+            drift = [e for e in events if isinstance(e, dict) and e.get("type") == "drift"]
             if not drift:
                 continue
             last_event = time.monotonic()
@@ -256,7 +261,11 @@ def watch_drift(
                     left,
                 )
                 continue
-            retrain(settings, progress=progress, reason="drift")
+            try:
+                retrain(settings, progress=progress, reason="drift")
+            except Exception:  # a failed retrain must not end the watcher; the next event retries
+                log.exception("retrain on drift failed")
+                continue
             runs += 1
     finally:
         consumer.close()

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from stream_l2ae.config import load_config
+from stream_l2ae.config import coerce_to_fields, load_config
 from stream_l2ae.errors import ConfigError
 
 
@@ -91,4 +91,5 @@ def load_retrain_settings(
     retrain.setdefault("keep", config["model"]["keep"])
     retrain.setdefault("detector", dict(config.get("detector", {})))
     kafka = {"bootstrap_servers": "localhost:9092", **config.get("kafka", {})}
+    retrain = coerce_to_fields(retrain, RetrainSettings)
     return RetrainSettings(**retrain, kafka=kafka).with_overrides(**overrides)
