@@ -29,35 +29,33 @@ DEAD_LETTER_MAX_VALUE_BYTES = 65_536
 TOO_LARGE = "too_large"
 
 
-@dataclass
 class InputBatch:
-    """Raw records of one poll, in a fixed order, with their Kafka coordinates."""
+    """Raw records of one poll, in a fixed order, with their Kafka coordinates.
 
-    topics: list[str]
-    partitions: np.ndarray
-    offsets: np.ndarray
-    timestamps_ms: np.ndarray
-    keys: list[bytes | None]
-    values: list[bytes | None]
+    Only the values and timestamps are read off every record; the coordinates and keys are read
+    from the records when an alert, a score or a dead letter needs them.
+    """
 
-    def __len__(self) -> int:
-        return len(self.values)
+    def __init__(self, records: list) -> None:
+        self.records = records
+        self.values: list[bytes | None] = [r.value for r in records]
+        self.timestamps_ms = np.fromiter((r.timestamp for r in records), np.int64, len(records))
 
     @classmethod
     def from_records(cls, records: list) -> InputBatch:
         """From kafka-python ``ConsumerRecord`` objects (or anything with the same fields)."""
-        return cls(
-            topics=[r.topic for r in records],
-            partitions=np.fromiter((r.partition for r in records), np.int64, len(records)),
-            offsets=np.fromiter((r.offset for r in records), np.int64, len(records)),
-            timestamps_ms=np.fromiter((r.timestamp for r in records), np.int64, len(records)),
-            keys=[r.key for r in records],
-            values=[r.value for r in records],
-        )
+        return cls(records)
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    def key(self, index: int) -> bytes | None:
+        return self.records[index].key
 
     def source_key(self, index: int) -> bytes:
         """``topic/partition/offset``: the key of an alert, unique per source record."""
-        return f"{self.topics[index]}/{self.partitions[index]}/{self.offsets[index]}".encode()
+        record = self.records[index]
+        return f"{record.topic}/{record.partition}/{record.offset}".encode()
 
 
 @dataclass
@@ -206,11 +204,12 @@ class BatchScorer:
 
 
 def _source(batch: InputBatch, index: int) -> dict:
-    key = batch.keys[index]
+    record = batch.records[index]
+    key = record.key
     return {
-        "topic": batch.topics[index],
-        "partition": int(batch.partitions[index]),
-        "offset": int(batch.offsets[index]),
+        "topic": record.topic,
+        "partition": int(record.partition),
+        "offset": int(record.offset),
         "key": key.decode("utf-8", "backslashreplace") if key is not None else None,
         "timestamp_ms": int(batch.timestamps_ms[index]),
     }
@@ -272,4 +271,4 @@ def dead_letter_message(
         # The broker would refuse the whole record (max.request.size), blocking the daemon.
         headers += [("dlq.original_bytes", str(len(value)).encode()), ("dlq.truncated", b"true")]
         value = value[:DEAD_LETTER_MAX_VALUE_BYTES]
-    return batch.keys[letter.index], value, headers
+    return batch.key(letter.index), value, headers
