@@ -29,6 +29,8 @@ lint: install
 
 bench: install
 	$(BIN)/python bench/scoring_throughput.py
+	$(BIN)/python bench/throughput.py --repeat 2
+	$(BIN)/python bench/scale_out.py --repeat 5
 	$(BIN)/stream-l2ae bench paper --epochs 2 --json runs/paper.json
 
 clean:

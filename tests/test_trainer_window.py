@@ -157,6 +157,22 @@ def test_alerted_records_are_excluded(stream):
     assert newest.description["excluded_alerts"] == 3
 
 
+def test_alerted_records_can_be_kept_and_marked(stream):
+    from trainer.job import _without_alerted
+
+    alerted: list[int] = []
+    window = read_window(
+        stream.settings, [stream.topic], exclude_alerts_topic=stream.alerts, alerted_rows=alerted
+    )
+    keys = _keys(window)
+    assert len(keys) == sum(SIZES)
+    assert {keys[i] for i in alerted} == stream.alerted
+    train, holdout = window.split(len(window) - 50)
+    kept = _without_alerted(train, alerted)
+    assert len(kept) == len(train) - sum(i < len(train) for i in alerted)
+    assert not set(_keys(kept)) & stream.alerted
+
+
 def test_time_order_interleaves_the_partitions(stream):
     window = read_window(stream.settings, [stream.topic], last_n=100, order="time")
     times = [stream.t0 + record["i"] * SPACING_MS[record["p"]] for record in window.records]

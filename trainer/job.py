@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import orjson
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.errors import KafkaError
@@ -57,7 +58,9 @@ def _kafka_config(settings: RetrainSettings, client_class: type, role: str) -> d
     return {k: v for k, v in settings.client_settings(role).items() if k in accepted}
 
 
-def load_window(settings: RetrainSettings, *, progress: bool = True) -> Dataset:
+def load_window(
+    settings: RetrainSettings, *, progress: bool = True, alerted_rows: list[int] | None = None
+) -> Dataset:
     if settings.data is not None:
         return read_file_window(settings.data, last_n=settings.last_n)
     since_ms = None
@@ -72,7 +75,25 @@ def load_window(settings: RetrainSettings, *, progress: bool = True) -> Dataset:
         label_header=settings.label_header,
         progress=progress,
         order="time",  # so that the holdout is the newest records across partitions
+        alerted_rows=alerted_rows,
     )
+
+
+def _without_alerted(train: Dataset, alerted: list[int]) -> Dataset:
+    """The training part without the records the model in service alerted on.
+
+    Only the training part: the holdout keeps them, or the gate would compare the two models on
+    data from which the current model's alerts had been removed.
+    """
+    drop = [i for i in alerted if i < len(train)]
+    if not drop or train.records is None:
+        return train
+    keep = np.ones(len(train), dtype=bool)
+    keep[drop] = False
+    records = [record for record, kept in zip(train.records, keep, strict=True) if kept]
+    y = train.y[keep] if train.y is not None else None
+    description = {**train.description, "n": len(records), "excluded_alerts": len(drop)}
+    return Dataset(train.name, records=records, y=y, description=description)
 
 
 def _current_model(model_dir: str) -> L2AEDetector | None:
@@ -132,11 +153,13 @@ def retrain(
 ) -> RetrainResult:
     """Train a candidate on the newest window and promote it if the gate allows."""
     started = time.perf_counter()
-    window = load_window(settings, progress=progress)
+    alerted: list[int] = []
+    window = load_window(settings, progress=progress, alerted_rows=alerted)
     n_holdout = max(1, int(len(window) * settings.holdout_fraction))
     if len(window) - n_holdout < 10:
         raise ConfigError(f"the training window holds only {len(window)} records")
     train, holdout = window.split(len(window) - n_holdout)
+    train = _without_alerted(train, alerted)
     print(
         f"retrain ({reason}): {len(train):,} records to train, {len(holdout):,} to compare",
         file=sys.stderr,

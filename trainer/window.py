@@ -185,7 +185,8 @@ class _Partition:
     beginning: int = 0
     end: int = 0
     start: int = 0
-    rows: list[tuple[int, int, Any, Any]] = field(default_factory=list)  # offset, ts, value, label
+    # offset, timestamp, value, label, alerted
+    rows: list[tuple[int, int, Any, Any, bool]] = field(default_factory=list)
 
 
 @dataclass
@@ -416,8 +417,13 @@ def read_window(
     timeout_s: float = 60,
     progress: bool = False,
     order: str = "offset",
+    alerted_rows: list[int] | None = None,
 ) -> Dataset:
     """Read a training window from Kafka topics (see the module docstring for how).
+
+    With ``alerted_rows`` (a list to fill), records alerted on are kept rather than dropped,
+    and their positions in the returned data set are appended to it: the retraining job leaves
+    them out of the training part only, so that the holdout is not biased.
 
     Parameters
     ----------
@@ -499,7 +505,8 @@ def read_window(
             if since_ms is not None and record.timestamp < since_ms:
                 counts.older_than_since += 1
                 return
-            if (record.topic, record.partition, record.offset) in excluded:
+            alerted = (record.topic, record.partition, record.offset) in excluded
+            if alerted and alerted_rows is None:
                 counts.excluded_alerts += 1
                 return
             if record.value is None:
@@ -514,7 +521,13 @@ def read_window(
                 counts.skip("not_an_object")
                 return
             part.rows.append(
-                (record.offset, record.timestamp, value, _label(record.headers, label_header))
+                (
+                    record.offset,
+                    record.timestamp,
+                    value,
+                    _label(record.headers, label_header),
+                    alerted,
+                )
             )
 
         total = sum(part.end - part.start for part in parts)
@@ -523,7 +536,7 @@ def read_window(
     finally:
         consumer.close()
     return _window_dataset(
-        topics, parts, counts, order=order, label_header=label_header,
+        topics, parts, counts, order=order, label_header=label_header, alerted_rows=alerted_rows,
         last_n=last_n, since_ms=since_ms, alerts_topic=exclude_alerts_topic,
         seconds=time.perf_counter() - started,
     )  # fmt: skip
@@ -551,12 +564,15 @@ def _window_dataset(
     since_ms: int | None,
     alerts_topic: str | None,
     seconds: float,
+    alerted_rows: list[int] | None = None,
 ) -> Dataset:
     rows = [(index, part, row) for index, part in enumerate(parts) for row in part.rows]
     if order == "time":
         rows.sort(key=lambda item: (item[2][1], item[0], item[2][0]))
     records = [row[2] for _, _, row in rows]
     labels = [row[3] for _, _, row in rows]
+    if alerted_rows is not None:
+        alerted_rows.extend(i for i, (_, _, row) in enumerate(rows) if row[4])
     y = None
     if records and all(label is not None for label in labels):
         y = np.asarray(labels, dtype=np.int64)
