@@ -187,10 +187,17 @@ class ScoringDaemon:
             self._resume_pending = True
 
     def _broker_trouble(self, exc: BaseException) -> None:
-        self._broker_down = True
-        self.metrics.set_broker_up(False)
+        self._mark_down()
         self.metrics.broker_error()
         self._sleep_backoff(f"broker unavailable ({type(exc).__name__}: {exc})")
+
+    def _mark_down(self) -> None:
+        self._broker_down = True
+        self.metrics.set_broker_up(False)
+        # Offsets processed before an outage are not committed again afterwards: a broker that
+        # lost its log would take them for positions in the new one. A lost commit only means
+        # those records are read again.
+        self._processed.clear()
 
     def _connect(self) -> None:
         s = self.settings
@@ -230,7 +237,7 @@ class ScoringDaemon:
             s.client_settings("admin"), [s.state_topic], config={"cleanup.policy": "compact"}
         )
         self.state_sync = CentroidStateSync(
-            s.client_settings("consumer"),
+            s.client_settings("state"),  # the common [kafka] settings
             s.state_topic,
             s.replica_id,
             publish_interval_s=s.state_publish_interval_s,
@@ -451,8 +458,7 @@ class ScoringDaemon:
     def _idle(self) -> None:
         connected = broker_connected(self.consumer)
         if connected is False and not self._broker_down:
-            self._broker_down = True
-            self.metrics.set_broker_up(False)
+            self._mark_down()
             log.warning("lost the connection to the broker; kafka-python is reconnecting")
         elif connected and self._broker_down:
             self._broker_ok()
