@@ -195,6 +195,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         anomaly_model=args.anomaly_model,
         device=args.device or "auto",
         progress=not args.quiet,
+        tables=tuple(args.tables.split(",")),
     )
     return 0
 
@@ -282,6 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--train-limit", type=int, help="train on the first N images only")
     b.add_argument("--digits", help="comma-separated anomaly digits (default all ten)")
     b.add_argument("--anomaly-model", choices=("conv", "dense"), default="conv")
+    b.add_argument("--tables", default="clustering,anomaly", help="tables to reproduce")
     b.add_argument("--device")
     b.add_argument("-q", "--quiet", action="store_true")
     b.set_defaults(func=cmd_bench)
