@@ -333,8 +333,9 @@ class ScoringDaemon:
             checkpoint = self.store.load()
             if checkpoint is not None and checkpoint.model_version == detector.version:
                 detector.online = checkpoint.restore_online(detector.device)
-                if s.threshold != "bundle":
-                    threshold = checkpoint.restore_threshold()
+                restored = checkpoint.restore_threshold()
+                if s.threshold != "bundle" and restored.kind == threshold.kind:
+                    threshold = restored
                 self.records_seen = checkpoint.records_seen
                 log.info(
                     "resumed online state from checkpoint (%d records seen)",
@@ -367,7 +368,10 @@ class ScoringDaemon:
         )
         self.metrics.set_threshold(float(threshold.value))
         self.metrics.set_occupancy(detector.online.occupancy)
-        alert_rate = getattr(detector.threshold, "alert_rate", detector.config.alert_rate)
+        # The rate the threshold in force aims at: SPOT's risk, else the calibrated alert rate.
+        alert_rate = getattr(threshold, "risk", None) or getattr(
+            threshold, "alert_rate", detector.config.alert_rate
+        )
         self.drift = DriftMonitor(
             alert_rate, rate_factor=s.drift_rate_factor, persist_s=s.drift_persist_s
         )
@@ -644,8 +648,12 @@ class ScoringDaemon:
 
 
 def _same_embedding_space(old: L2AEDetector, new: L2AEDetector) -> bool:
-    """Same encoder weights and cluster count: the online statistics stay meaningful."""
+    """Same features, same auto-encoder weights, same number of clusters: the online statistics
+    of the old model stay meaningful for the new one (a retrain that only re-ran k-means or
+    recalibrated the threshold)."""
     if old.online.initial_centroids.shape != new.online.initial_centroids.shape:
+        return False
+    if old.mapper.to_dict() != new.mapper.to_dict():
         return False
     old_state, new_state = old.model.state_dict(), new.model.state_dict()
     if old_state.keys() != new_state.keys():
