@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -131,3 +132,29 @@ def consume(
         for batch in consumer.poll(timeout_ms=poll_ms).values():
             records.extend(batch)
     return records
+
+
+class DaemonThread:
+    """A scoring daemon stepping in a thread of the test process (no subprocess, no signals)."""
+
+    def __init__(self, settings) -> None:
+        from consumers.daemon import ScoringDaemon
+
+        self.daemon = ScoringDaemon(settings, consumer_overrides=FAST_GROUP_SETTINGS)
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.run, daemon=True)
+
+    def run(self) -> None:
+        self.daemon._load_initial_model()
+        self.daemon._connect()
+        while not self.stop.is_set():
+            self.daemon.step()
+        self.daemon._shutdown()
+
+    def start(self) -> DaemonThread:
+        self.thread.start()
+        return self
+
+    def finish(self, timeout: float = 60) -> None:
+        self.stop.set()
+        self.thread.join(timeout=timeout)

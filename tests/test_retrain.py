@@ -12,13 +12,12 @@ import orjson
 import pytest
 from kafka import KafkaConsumer, TopicPartition
 
-from consumers.daemon import ScoringDaemon
 from consumers.produce import produce_dataset
 from consumers.settings import ServeSettings
 from stream_l2ae.bundle import list_versions
 from stream_l2ae.datasets import Dataset, load_dataset
 from stream_l2ae.detector import L2AEDetector
-from tests.kafka_fixtures import FAST_GROUP_SETTINGS
+from tests.kafka_fixtures import DaemonThread
 from trainer.job import DECISIONS_FILE, cooling_down, retrain, watch_drift
 from trainer.settings import RetrainSettings
 
@@ -132,18 +131,8 @@ def test_drift_triggers_exactly_one_retrain(kafka_settings, topic_factory, tmp_p
         kafka=kafka_settings,
         online_update=False,
     )
-    daemon = ScoringDaemon(serve, consumer_overrides=FAST_GROUP_SETTINGS)
-    stop = threading.Event()
-
-    def serve_forever():
-        daemon._load_initial_model()
-        daemon._connect()
-        while not stop.is_set():
-            daemon.step()
-        daemon._shutdown()
-
-    server = threading.Thread(target=serve_forever, daemon=True)
-    server.start()
+    server = DaemonThread(serve).start()
+    daemon = server.daemon
     retrain_settings = RetrainSettings(
         input_topics=(events,),
         last_n=2000,
@@ -179,8 +168,7 @@ def test_drift_triggers_exactly_one_retrain(kafka_settings, topic_factory, tmp_p
         watcher.join(timeout=120)
         assert not watcher.is_alive()
     finally:
-        stop.set()
-        server.join(timeout=30)
+        server.finish(timeout=30)
     assert runs == [1]
     assert [d["reason"] for d in decisions(model_dir)] == ["drift"]
 
@@ -214,18 +202,8 @@ def test_running_daemon_swaps_to_the_promoted_version(kafka_settings, topic_fact
         model_poll_interval_s=0.2,
         kafka=kafka_settings,
     )
-    daemon = ScoringDaemon(serve, consumer_overrides=FAST_GROUP_SETTINGS)
-    stop = threading.Event()
-
-    def serve_forever():
-        daemon._load_initial_model()
-        daemon._connect()
-        while not stop.is_set():
-            daemon.step()
-        daemon._shutdown()
-
-    server = threading.Thread(target=serve_forever, daemon=True)
-    server.start()
+    server = DaemonThread(serve).start()
+    daemon = server.daemon
     stream = shuttle.split(3000)[1]
     producer = threading.Thread(
         target=produce_dataset,
@@ -257,8 +235,7 @@ def test_running_daemon_swaps_to_the_promoted_version(kafka_settings, topic_fact
         while time.monotonic() < deadline and daemon.records_seen < len(stream):
             time.sleep(0.2)
     finally:
-        stop.set()
-        server.join(timeout=30)
+        server.finish(timeout=30)
     assert result.promoted, result.decision.table()
     assert daemon.detector.version == result.version != first.version
     assert daemon.metrics.model_swaps._value.get() == 1

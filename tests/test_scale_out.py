@@ -11,13 +11,12 @@ import pytest
 import torch
 from kafka import KafkaConsumer, TopicPartition
 
-from consumers.daemon import ScoringDaemon
 from consumers.produce import produce_dataset
 from consumers.settings import ServeSettings
 from stream_l2ae.datasets import load_dataset
 from stream_l2ae.detector import L2AEDetector
 from stream_l2ae.errors import ConfigError
-from tests.kafka_fixtures import FAST_GROUP_SETTINGS
+from tests.kafka_fixtures import DaemonThread
 
 
 @pytest.fixture(scope="module")
@@ -47,30 +46,6 @@ def read_topic(kafka_settings: dict, topic: str, partitions: int, idle_s: float 
     return out
 
 
-class Replica:
-    """A daemon stepping in a thread of the test process."""
-
-    def __init__(self, settings: ServeSettings) -> None:
-        self.daemon = ScoringDaemon(settings, consumer_overrides=FAST_GROUP_SETTINGS)
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self.run, daemon=True)
-
-    def run(self) -> None:
-        self.daemon._load_initial_model()
-        self.daemon._connect()
-        while not self.stop.is_set():
-            self.daemon.step()
-        self.daemon._shutdown()
-
-    def start(self) -> Replica:
-        self.thread.start()
-        return self
-
-    def finish(self) -> None:
-        self.stop.set()
-        self.thread.join(timeout=60)
-
-
 def test_sharing_state_needs_event_time():
     with pytest.raises(ConfigError, match="event_time"):
         ServeSettings(state_topic="state", online_clock="records")
@@ -84,7 +59,7 @@ def test_three_replicas_score_each_record_once_and_converge(
     state = topic_factory(1)
     group = f"replicas-{time.time_ns()}"
     replicas = [
-        Replica(
+        DaemonThread(
             ServeSettings(
                 input_topics=(events,),
                 group_id=group,
