@@ -9,6 +9,7 @@ the centroids in one matrix product.
 
 from __future__ import annotations
 
+import operator
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -16,12 +17,15 @@ from dataclasses import dataclass, field
 import numpy as np
 import orjson
 
-from stream_l2ae.detector import L2AEDetector
+from stream_l2ae.detector import DetectorScores, L2AEDetector
 from stream_l2ae.thresholds import (
     SPOTThreshold,
     StreamingQuantileThreshold,
     Threshold,
 )
+
+_VALUE = operator.attrgetter("value")
+_TIMESTAMP = operator.attrgetter("timestamp")
 
 DECODE = "decode"
 #: Dead letters keep at most this much of the original value (and say so in a header).
@@ -38,8 +42,8 @@ class InputBatch:
 
     def __init__(self, records: list) -> None:
         self.records = records
-        self.values: list[bytes | None] = [r.value for r in records]
-        self.timestamps_ms = np.fromiter((r.timestamp for r in records), np.int64, len(records))
+        self.values: list[bytes | None] = list(map(_VALUE, records))
+        self.timestamps_ms = np.fromiter(map(_TIMESTAMP, records), np.int64, len(records))
 
     @classmethod
     def from_records(cls, records: list) -> InputBatch:
@@ -164,16 +168,7 @@ class BatchScorer:
         self.model_version = model_version or getattr(detector, "version", "unversioned")
 
     def process(self, batch: InputBatch) -> BatchOutcome:
-        records, decoded_indices, dead = decode_values(batch.values, self.max_record_bytes)
-        result = self.detector.score_batch(records, keep_embeddings=self.online_update)
-        for rejected in result.rejected:
-            error = rejected.error
-            dead.append(
-                DeadLetter(
-                    int(decoded_indices[rejected.index]), error.reason, str(error), error.field
-                )
-            )
-        indices = decoded_indices[result.indices] if len(result.indices) else result.indices
+        result, indices, dead = self._score_values(batch.values)
         threshold = float(self.threshold.value)
         is_anomaly = result.score > threshold
         if self.online_update and len(indices):
@@ -197,6 +192,28 @@ class BatchScorer:
             dead_letters=dead,
             scored_at_ms=int(time.time() * 1000),
         )
+
+    def _score_values(self, values: list[bytes | None]) -> tuple[DetectorScores, np.ndarray, list]:
+        """Scores, the batch indices they belong to, and the dead letters."""
+        try:
+            within_limit = max(map(len, values), default=0) <= self.max_record_bytes
+        except TypeError:  # a tombstone (None value)
+            within_limit = False
+        if within_limit:
+            result = self.detector.score_json(values, keep_embeddings=self.online_update)
+            if result is not None:
+                return result, result.indices, []
+        records, decoded_indices, dead = decode_values(values, self.max_record_bytes)
+        result = self.detector.score_batch(records, keep_embeddings=self.online_update)
+        for rejected in result.rejected:
+            error = rejected.error
+            dead.append(
+                DeadLetter(
+                    int(decoded_indices[rejected.index]), error.reason, str(error), error.field
+                )
+            )
+        indices = decoded_indices[result.indices] if len(result.indices) else result.indices
+        return result, indices, dead
 
 
 def _source(batch: InputBatch, index: int) -> dict:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
@@ -349,6 +350,27 @@ class L2AEDetector:
     def score_batch(self, data: Any, *, keep_embeddings: bool = False) -> DetectorScores:
         """Score a batch; bad records are returned in ``rejected`` instead of raising."""
         X, indices, rejected = self.features(data)
+        return self._score_features(X, indices, rejected, keep_embeddings)
+
+    def score_json(
+        self, values: Sequence[bytes], *, keep_embeddings: bool = False
+    ) -> DetectorScores | None:
+        """Score raw JSON values in one decoding pass; ``None`` when they need the careful path.
+
+        ``None`` (never a partial result) comes back unless the schema is all-numeric and every
+        value is a clean flat JSON object (:meth:`FeatureMapper.transform_json`); decode the
+        values and call :meth:`score_batch` then, which reports each bad record.
+        """
+        self._require_fitted()
+        batch = self.mapper.transform_json(values)
+        if batch is None:
+            return None
+        X = batch.X.reshape(self.mapper.output_shape(len(batch.X)))
+        return self._score_features(X, batch.indices, [], keep_embeddings)
+
+    def _score_features(
+        self, X: np.ndarray, indices: np.ndarray, rejected: list[Rejected], keep_embeddings: bool
+    ) -> DetectorScores:
         z = self.embed(X)
         scores = self.score_embeddings(z)
         threshold = self.threshold.value

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from .errors import ConfigError, NotFittedError, RecordError
+from .json_batch import FlatJsonDecoder
 
 __all__ = [
     "ArrayField",
@@ -630,6 +631,7 @@ class FeatureMapper:
         self.schema = schema
         # field name -> (mean, std) for numeric fields, (min, max) for array fields
         self._scaling: dict[str, tuple[float, float]] | None = None
+        self._json_decoder: FlatJsonDecoder | None = None
 
     def __repr__(self) -> str:
         fields = "None" if self.schema is None else f"{len(self.schema.fields)} fields"
@@ -746,13 +748,35 @@ class FeatureMapper:
             return None
         if values.dtype.kind not in "if" or values.shape != (len(records), len(names)):
             return None
-        shift = np.array([scaling[name][0] for name in names])
-        divisor = np.array([scaling[name][1] for name in names])
-        with np.errstate(over="ignore", invalid="ignore"):
-            out = ((values - shift) / divisor).astype(np.float32)
-        if not np.isfinite(out).all():
+        return _scaled_numeric_batch(values, names, scaling)
+
+    def transform_json(self, values: Sequence[bytes]) -> BatchResult | None:
+        """Map a batch of raw JSON values in one pass; ``None`` when the fast path does not apply.
+
+        For all-numeric schemas only, and only when every value is a flat JSON object whose
+        schema fields are all numbers (see :mod:`stream_l2ae.json_batch`). A ``None`` means:
+        decode the values and call :meth:`transform_batch`, which names each bad record.
+
+        Examples
+        --------
+        >>> mapper = FeatureMapper().fit([{"temp": 20.0}, {"temp": 22.0}])
+        >>> mapper.transform_json([b'{"temp": 23}', b'{"temp": 21, "site": "b"}']).X
+        array([[2.],
+               [0.]], dtype=float32)
+        >>> mapper.transform_json([b'{"temp": 23}', b'{"temp": null}']) is None
+        True
+        """
+        schema, scaling = self._require_fitted()
+        if not all(isinstance(spec, NumericField) for spec in schema.fields):
             return None
-        return BatchResult(out, np.arange(len(records)), [])
+        names = tuple(schema.names)
+        decoder = self._json_decoder
+        if decoder is None or decoder.names != names:
+            decoder = self._json_decoder = FlatJsonDecoder(names)
+        values = decoder.decode(values)
+        if values is None:
+            return None
+        return _scaled_numeric_batch(values, names, scaling)
 
     def _extract(
         self, records: Sequence[Any], scaling: dict[str, tuple[float, float]] | None
@@ -924,6 +948,19 @@ class FeatureMapper:
             scaling[spec.name] = (first, second)
         mapper._scaling = scaling
         return mapper
+
+
+def _scaled_numeric_batch(
+    values: np.ndarray, names: Sequence[str], scaling: dict[str, tuple[float, float]]
+) -> BatchResult | None:
+    """Standardize a clean numeric matrix; ``None`` if a value overflows float32 once scaled."""
+    shift = np.array([scaling[name][0] for name in names])
+    divisor = np.array([scaling[name][1] for name in names])
+    with np.errstate(over="ignore", invalid="ignore"):
+        out = ((values - shift) / divisor).astype(np.float32)
+    if not np.isfinite(out).all():
+        return None
+    return BatchResult(out, np.arange(len(values)), [])
 
 
 def _as_sequence(records: Iterable[Any]) -> Sequence[Any]:
