@@ -29,7 +29,7 @@ lint: install
 
 bench: install
 	$(BIN)/python bench/scoring_throughput.py
-	$(BIN)/python bench/throughput.py --repeat 2
+	$(BIN)/python bench/throughput.py
 	$(BIN)/python bench/scale_out.py --repeat 5
 	$(BIN)/stream-l2ae bench paper --epochs 2 --json runs/paper.json
 

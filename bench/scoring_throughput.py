@@ -8,6 +8,9 @@ All figures are records per second on the CPU, over river's Shuttle stream (49,0
 * ``ours: full path`` -- ``detector.score_batch(records)`` on batches of record dicts
   (``--batch-size``, 1024 by default): feature mapping, encoder, cosine score against the
   centroids and the threshold, everything the consumer daemon does per batch.
+* ``ours: from JSON bytes`` -- ``detector.score_json(values)`` on the same batches as JSON-encoded
+  bytes, as they come off Kafka: the daemon's path, decoding included (river's figures start
+  from decoded dicts).
 * ``ours: model path`` -- ``detector.embed(X)`` then ``detector.score_embeddings(z)`` on batches
   of a feature array built beforehand: the torch part alone.
 * ``ours: full path, batch 1`` -- ``score_batch([record])`` one record at a time
@@ -65,6 +68,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import orjson
 import torch
 
 from stream_l2ae import __version__
@@ -78,6 +82,7 @@ GOAL_RATIO = 20.0
 
 FULL_PATH = "ours: full path (score_batch)"
 MODEL_PATH = "ours: model path (embed+score)"
+JSON_PATH = "ours: from JSON bytes (score_json)"
 BATCH_OF_ONE = "ours: full path, batch 1"
 
 #: Passes of the stage breakdown (best one kept).
@@ -174,10 +179,16 @@ def our_workloads(
     X, _, _ = detector.features(records)
     feature_batches = chunks(X, args.batch_size)
     single = records[: args.latency_records]
+    value_batches = chunks([orjson.dumps(record) for record in records], args.batch_size)
 
     def full_path() -> None:
         for batch in batches:
             detector.score_batch(batch)
+
+    def json_path() -> None:
+        for batch in value_batches:
+            if detector.score_json(batch) is None:
+                raise RuntimeError("the one-pass JSON path declined clean Shuttle records")
 
     def model_path() -> None:
         for batch in feature_batches:
@@ -189,6 +200,7 @@ def our_workloads(
 
     workloads = [
         Workload(FULL_PATH, len(records), args.batch_size, threads, full_path),
+        Workload(JSON_PATH, len(records), args.batch_size, threads, json_path),
         Workload(MODEL_PATH, len(X), args.batch_size, threads, model_path),
     ]
     if single:

@@ -1,10 +1,14 @@
 """Processing of one polled batch: decode, map, encode, score, threshold, online update.
 
 Nothing here talks to Kafka: the daemon hands in the raw values and their coordinates and gets
-back what to publish. Each value is decoded on its own with ``orjson`` (never as one joined
-array: an invalid value could borrow bytes from its neighbours and parse), the batch is mapped to
-features column by column, encoded by the auto-encoder in one forward pass and scored against
-the centroids in one matrix product.
+back what to publish. A batch of flat numeric records is decoded and mapped in one typed pass
+(:meth:`~stream_l2ae.detector.L2AEDetector.score_json`, sound only under the checks described in
+:mod:`stream_l2ae.json_batch`). When that path declines -- a bad value anywhere, a tombstone,
+nested or non-numeric fields -- each value is decoded on its own with ``orjson`` (a naive joined
+array would let an invalid value borrow bytes from its neighbours and parse) and the records are
+mapped field by field, so that every bad one is named for the dead-letter topic. Either way the
+batch is encoded by the auto-encoder in one forward pass and scored against the centroids in one
+matrix product.
 """
 
 from __future__ import annotations
@@ -100,8 +104,8 @@ def decode_values(
     >>> records, indices.tolist(), [(d.index, d.reason) for d in dead]
     ([{'a': 1}, {'a': 2}], [0, 3], [(1, 'decode'), (2, 'decode')])
     """
-    # One loads per value. Joining the values into one JSON array and decoding that is barely
-    # faster and wrong: b'{"a": 1', b'"b": 2}' and b'1,2' join into a valid array of three.
+    # One loads per value: joined into one array without the checks of stream_l2ae.json_batch,
+    # b'{"a": 1', b'"b": 2}' and b'1,2' would decode as a valid array of three.
     dead: list[DeadLetter] = []
     decoded, kept = [], []
     for index, value in enumerate(values):

@@ -33,7 +33,9 @@ class ServeSettings:
     checkpoint_dir: str = "checkpoints"
     checkpoint_interval_s: float = 30.0
     model_poll_interval_s: float = 5.0
-    batch_size: int = 8192
+    #: Most records per poll. Large enough that one poll takes everything a fetch brought in,
+    #: so kafka-python sends the next fetch at once and it travels while the batch is scored.
+    batch_size: int = 65_536
     poll_timeout_ms: int = 200
     max_record_bytes: int = 1_048_576
     metrics_host: str = "0.0.0.0"

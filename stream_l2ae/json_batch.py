@@ -89,7 +89,5 @@ class FlatJsonDecoder:
         except (msgspec.DecodeError, msgspec.ValidationError):
             return None
         width = len(self.names)
-        as_tuple = msgspec.structs.astuple
-        return np.fromiter(chain.from_iterable(map(as_tuple, rows)), np.float64, n * width).reshape(
-            n, width
-        )
+        cells = chain.from_iterable(map(msgspec.structs.astuple, rows))
+        return np.fromiter(cells, np.float64, n * width).reshape(n, width)
