@@ -73,6 +73,16 @@ def raw_consume(bootstrap: str, topic: str, n: int, batch_size: int) -> float:
             first, counted_from = time.perf_counter(), seen
     elapsed = time.perf_counter() - first
     consumer.close()
+    return timed_rate(n, counted_from, elapsed)
+
+
+def timed_rate(n: int, counted_from: int, elapsed: float) -> float:
+    """Records/s after the first batch; refuses a run whose first batch held nearly everything."""
+    if n - counted_from < n // 4:
+        raise SystemExit(
+            f"the first batch held {counted_from:,} of {n:,} records, too many to time the rest; "
+            "raise --repeat or lower --batch-size"
+        )
     return (n - counted_from) / elapsed
 
 
@@ -114,7 +124,7 @@ def daemon_consume(settings: ServeSettings, n: int) -> tuple[float, int]:
         while daemon.records_seen < n:
             if daemon.step() and first is None:
                 first, counted_from = time.perf_counter(), daemon.records_seen
-        rate = (n - counted_from) / (time.perf_counter() - first)
+        rate = timed_rate(n, counted_from, time.perf_counter() - first)
         alerts = daemon.metrics.registry.get_sample_value("stream_l2ae_alerts_total")
         return rate, int(alerts or 0)
     finally:

@@ -773,10 +773,10 @@ class FeatureMapper:
         decoder = self._json_decoder
         if decoder is None or decoder.names != names:
             decoder = self._json_decoder = FlatJsonDecoder(names)
-        values = decoder.decode(values)
-        if values is None:
+        matrix = decoder.decode(values)
+        if matrix is None:
             return None
-        return _scaled_numeric_batch(values, names, scaling)
+        return _scaled_numeric_batch(matrix, names, scaling)
 
     def _extract(
         self, records: Sequence[Any], scaling: dict[str, tuple[float, float]] | None
