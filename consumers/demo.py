@@ -49,6 +49,13 @@ def scrape(port: int) -> dict[str, float]:
     return totals
 
 
+def _batch_rate(metrics: dict[str, float]) -> float:
+    """Records consumed over the time spent processing batches, from the daemon's metrics."""
+    seconds = metrics.get("stream_l2ae_batch_duration_seconds_sum", 0.0)
+    consumed = metrics.get("stream_l2ae_records_consumed_total", 0.0)
+    return consumed / seconds if seconds > 0 else float("nan")
+
+
 def _write_config(
     path: Path,
     *,
@@ -185,7 +192,7 @@ def run_streaming_demo(
         )
         producer_thread.start()
         started = time.monotonic()
-        first_seen = last_seen = None
+        last_seen = None
         done = 0.0
         with tqdm(total=n_stream, unit="rec", disable=not progress, desc="scored") as bar:
             while time.monotonic() - started < STREAM_TIMEOUT_S:
@@ -200,9 +207,7 @@ def run_streaming_demo(
                     continue
                 consumed = m.get("stream_l2ae_records_consumed_total", 0.0)
                 if consumed > done:
-                    now = time.monotonic()
-                    first_seen = first_seen or now
-                    last_seen = now
+                    last_seen = time.monotonic()
                     bar.update(int(consumed - done))
                     done = consumed
                 bar.set_postfix(
@@ -220,7 +225,8 @@ def run_streaming_demo(
         score = np.array([scores[k]["score"] for k in keys])
         is_alert = np.array([scores[k]["is_anomaly"] for k in keys])
         precision, recall = precision_recall_at(y, is_alert)
-        span = (last_seen - first_seen) if first_seen and last_seen else 0.0
+        # From the start of the replay to the last record scored (one big batch has no inner span).
+        span = (last_seen - started) if last_seen else 0.0
         summary = {
             "records": int(final.get("stream_l2ae_records_consumed_total", 0)),
             "scored": len(scores),
@@ -230,6 +236,7 @@ def run_streaming_demo(
             "recall": recall,
             "auc": roc_auc(y, score),
             "records_per_second": done / span if span > 0 else float("nan"),
+            "batch_records_per_second": _batch_rate(final),
         }
         print(
             "\nstream-l2ae demo (Shuttle through Kafka)\n"
@@ -239,7 +246,10 @@ def run_streaming_demo(
             f"  precision      {precision:.3f}\n"
             f"  recall         {recall:.3f}\n"
             f"  AUC            {summary['auc']:.4f} over the streamed scores\n"
-            f"  throughput     {summary['records_per_second']:,.0f} records/s end to end"
+            f"  throughput     {summary['records_per_second']:,.0f} records/s end to end "
+            "(from the start of the replay, daemon start-up included)\n"
+            f"                 {summary['batch_records_per_second']:,.0f} records/s inside the "
+            "daemon's batches (decode to commit)"
         )
         return summary
     finally:
