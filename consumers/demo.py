@@ -26,8 +26,10 @@ from kafka import KafkaConsumer, TopicPartition
 from prometheus_client.parser import text_string_to_metric_families
 from tqdm.auto import tqdm
 
+from stream_l2ae.bundle import latest_version
 from stream_l2ae.datasets import load_dataset
 from stream_l2ae.detector import L2AEDetector
+from stream_l2ae.errors import ConfigError
 from stream_l2ae.evaluation import precision_recall_at, roc_auc
 
 from .embedded_broker import EmbeddedBroker, free_port
@@ -121,6 +123,14 @@ def run_streaming_demo(
     train_fraction: float = 0.4,
     progress: bool = True,
 ) -> dict[str, float]:
+    if not 0.0 < train_fraction < 1.0:
+        raise ConfigError(f"train_fraction must be in (0, 1), got {train_fraction!r}")
+    if rate is not None and not rate > 0:
+        raise ConfigError(f"rate must be > 0 records/s, got {rate!r}")
+    if epochs < 1:
+        raise ConfigError(f"epochs must be >= 1, got {epochs!r}")
+    if bundle is not None and latest_version(bundle) is None:
+        raise ConfigError(f"no model bundle at {bundle!r}: expected a model root with LATEST")
     workdir = Path(tempfile.mkdtemp(prefix="stream-l2ae-demo-"))
     broker = None
     daemon = None
