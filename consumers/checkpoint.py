@@ -68,6 +68,12 @@ import numpy as np
 import safetensors.numpy
 from safetensors import SafetensorError
 
+from stream_l2ae.durable import (
+    fsync_directory,
+    reject_non_string_keys,
+    serialize_arrays,
+    write_durably,
+)
 from stream_l2ae.errors import StreamL2AEError
 from stream_l2ae.online import OnlineCentroids
 from stream_l2ae.thresholds import Threshold, threshold_from_dict
@@ -213,7 +219,7 @@ class CheckpointStore:
         OSError
             If the disk fails; the previous checkpoint is left intact.
         """
-        arrays_bytes = _serialize_arrays(checkpoint.online_arrays)
+        arrays_bytes = serialize_arrays(checkpoint.online_arrays, "online_arrays", CheckpointError)
         arrays_name = f"state-{uuid.uuid4().hex}.safetensors"
         body = {
             "format": CHECKPOINT_FORMAT,
@@ -238,15 +244,15 @@ class CheckpointStore:
             arrays_path = self.path / arrays_name
             temporary = self.path / f"{TEMP_PREFIX}{DOCUMENT_FILE}-{uuid.uuid4().hex}"
             try:
-                _write_durably(arrays_path, arrays_bytes)
-                _write_durably(temporary, document_bytes)
+                write_durably(arrays_path, arrays_bytes)
+                write_durably(temporary, document_bytes)
                 os.replace(temporary, self.document_path)
             except BaseException:
                 for leftover in (temporary, arrays_path):
                     with contextlib.suppress(OSError):
                         leftover.unlink()
                 raise
-            _fsync_directory(self.path)
+            fsync_directory(self.path)
             self._remove_unreferenced(keep=arrays_name)
         return self.document_path
 
@@ -364,7 +370,7 @@ class CheckpointStore:
             except FileNotFoundError:
                 continue
             moved.append(target)
-        _fsync_directory(self.path)
+        fsync_directory(self.path)
         return moved
 
     @contextlib.contextmanager
@@ -429,24 +435,6 @@ class CheckpointTimer:
 # --- helpers ---------------------------------------------------------------------------------
 
 
-def _serialize_arrays(arrays: dict[str, np.ndarray]) -> bytes:
-    if not isinstance(arrays, dict):
-        raise CheckpointError(f"online_arrays must be a dict, got {type(arrays).__name__}")
-    prepared = {}
-    for name, array in arrays.items():
-        if not isinstance(name, str) or not isinstance(array, np.ndarray):
-            raise CheckpointError(
-                f"online_arrays must map str to numpy.ndarray; got {type(name).__name__} -> "
-                f"{type(array).__name__} for {name!r}"
-            )
-        # safetensors copies raw memory: a non-contiguous view would be saved scrambled.
-        prepared[name] = array if array.flags.c_contiguous else array.copy(order="C")
-    try:
-        return safetensors.numpy.save(prepared)
-    except (SafetensorError, ValueError, TypeError) as error:
-        raise CheckpointError(f"cannot serialize online_arrays: {error}") from error
-
-
 def _plain(value: Any) -> Any:
     """A numpy scalar as a Python number; anything else is left for the type check to judge."""
     return value.item() if isinstance(value, np.generic) else value
@@ -486,7 +474,7 @@ def _canonical(body: dict[str, Any]) -> bytes:
 
 def _encode_document(body: dict[str, Any]) -> bytes:
     """``body`` plus the SHA-256 of its canonical form, as one line of JSON (use ``jq``)."""
-    _reject_non_string_keys(body, "checkpoint")
+    reject_non_string_keys(body, "checkpoint", CheckpointError)
     try:
         digest = hashlib.sha256(_canonical(body)).hexdigest()
     except (TypeError, ValueError) as error:
@@ -496,33 +484,3 @@ def _encode_document(body: dict[str, Any]) -> bytes:
         ) from error
     text = json.dumps({**body, "sha256": digest}, allow_nan=False, ensure_ascii=False)
     return (text + "\n").encode("utf-8")
-
-
-def _reject_non_string_keys(value: Any, what: str) -> None:
-    """Refuse keys that JSON would silently turn into strings (and so break the checksum)."""
-    if isinstance(value, dict):
-        for key, item in value.items():
-            if not isinstance(key, str):
-                raise CheckpointError(f"{what} has a non-string key {key!r}; JSON keys must be str")
-            _reject_non_string_keys(item, what)
-    elif isinstance(value, list | tuple):
-        for item in value:
-            _reject_non_string_keys(item, what)
-
-
-def _write_durably(path: Path, data: bytes) -> None:
-    with open(path, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-
-
-def _fsync_directory(path: Path) -> None:
-    """Make renames and new entries in ``path`` durable (POSIX only)."""
-    if os.name != "posix":
-        return
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)

@@ -62,6 +62,12 @@ import safetensors.torch
 import torch
 from safetensors import SafetensorError
 
+from stream_l2ae.durable import (
+    fsync_directory,
+    reject_non_string_keys,
+    serialize_arrays,
+    write_durably,
+)
 from stream_l2ae.errors import BundleError, ConfigError
 
 try:
@@ -398,7 +404,7 @@ def _serialize_contents(contents: BundleContents) -> dict[str, bytes]:
     """Serialize everything except the manifest, before anything touches the disk."""
     payloads = {
         WEIGHTS_FILE: _serialize_tensors(contents.tensors),
-        STATE_FILE: _serialize_arrays(contents.arrays),
+        STATE_FILE: serialize_arrays(contents.arrays, f"arrays for {STATE_FILE}", BundleError),
     }
     if not isinstance(contents.documents, dict):
         raise BundleError(f"documents must be a dict, got {type(contents.documents).__name__}")
@@ -433,26 +439,6 @@ def _serialize_tensors(tensors: dict[str, torch.Tensor]) -> bytes:
         raise BundleError(f"cannot serialize tensors to {WEIGHTS_FILE}: {error}") from error
 
 
-def _serialize_arrays(arrays: dict[str, np.ndarray]) -> bytes:
-    if not isinstance(arrays, dict):
-        raise BundleError(f"arrays must be a dict, got {type(arrays).__name__}")
-    prepared = {}
-    for name, array in arrays.items():
-        if not isinstance(name, str) or not isinstance(array, np.ndarray):
-            raise BundleError(
-                f"arrays must map str to numpy.ndarray (put scalars in a document); got "
-                f"{type(name).__name__} -> {type(array).__name__} for {name!r}"
-            )
-        # safetensors.numpy copies raw memory from the data pointer: a non-contiguous view
-        # (e.g. a transpose) would be saved silently scrambled. (Not np.ascontiguousarray:
-        # it turns 0-d arrays into 1-d ones.)
-        prepared[name] = array if array.flags.c_contiguous else array.copy(order="C")
-    try:
-        return safetensors.numpy.save(prepared)
-    except (SafetensorError, ValueError, TypeError) as error:
-        raise BundleError(f"cannot serialize arrays to {STATE_FILE}: {error}") from error
-
-
 def _encode_json(value: dict[str, Any], what: str) -> bytes:
     try:
         text = json.dumps(value, allow_nan=False, indent=2, ensure_ascii=False)
@@ -461,20 +447,8 @@ def _encode_json(value: dict[str, Any], what: str) -> bytes:
             f"{what} is not JSON-safe ({error}); use str keys, finite floats, and plain "
             "Python types (convert numpy scalars with .item())"
         ) from error
-    _reject_non_string_keys(value, what)
+    reject_non_string_keys(value, what, BundleError)
     return (text + "\n").encode("utf-8")
-
-
-def _reject_non_string_keys(value: Any, what: str) -> None:
-    """Refuse keys that JSON would silently turn into strings (``{1: ...}`` -> ``{"1": ...}``)."""
-    if isinstance(value, dict):
-        for key, item in value.items():
-            if not isinstance(key, str):
-                raise BundleError(f"{what} has a non-string key {key!r}; JSON keys must be str")
-            _reject_non_string_keys(item, what)
-    elif isinstance(value, list | tuple):
-        for item in value:
-            _reject_non_string_keys(item, what)
 
 
 def _commit_staging(
@@ -500,7 +474,7 @@ def _commit_staging(
             "metadata": contents.metadata,
         }
         _write_durably(staging / MANIFEST_FILE, _encode_json(manifest, MANIFEST_FILE))
-        _fsync_directory(staging)
+        fsync_directory(staging)
         final = versions_dir / name
         # os.rename replaces an *empty* target directory, hence the explicit check first.
         if not final.exists():
@@ -510,7 +484,7 @@ def _commit_staging(
                 if not final.exists():
                     raise
             else:
-                _fsync_directory(versions_dir)
+                fsync_directory(versions_dir)
                 return name, manifest
         if explicit_version is not None:
             raise BundleError(f"version {explicit_version!r} already exists in {versions_dir}")
@@ -550,7 +524,7 @@ def _write_pointer(root: Path, version: str) -> None:
         with contextlib.suppress(OSError):
             temporary.unlink()
         raise
-    _fsync_directory(root)
+    fsync_directory(root)
     _refresh_latest_symlink(root, version)
 
 
@@ -587,7 +561,7 @@ def _prune_unlocked(root: Path, keep: int) -> list[str]:
         shutil.rmtree(graveyard, ignore_errors=True)
         deleted.append(name)
     if deleted:
-        _fsync_directory(versions_dir)
+        fsync_directory(versions_dir)
     return deleted
 
 
@@ -622,22 +596,8 @@ def _commit_lock(root: Path) -> Iterator[None]:
 
 def _write_durably(path: Path, data: bytes) -> dict[str, Any]:
     """Write ``data`` to ``path`` and fsync it; return its manifest entry."""
-    with open(path, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
+    write_durably(path, data)
     return {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
-
-
-def _fsync_directory(path: Path) -> None:
-    """Make renames and new entries in ``path`` durable (POSIX only)."""
-    if os.name != "posix":
-        return
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
 
 
 # --- loading --------------------------------------------------------------------------------
