@@ -192,6 +192,13 @@ class L2AEDetector:
     True
     >>> detector.predict(test.records[:3]).tolist()
     [False, False, False]
+
+    Records straight off a topic, as JSON bytes, are scored in one decoding pass:
+
+    >>> import json
+    >>> values = [json.dumps(record).encode() for record in test.records]
+    >>> bool((detector.score_json(values).score == scores).all())
+    True
     """
 
     def __init__(
