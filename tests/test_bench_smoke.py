@@ -49,3 +49,18 @@ def test_scoring_throughput_bench(tmp_path):
     )
     figures = json.loads(out.read_text())
     assert "ours: from JSON bytes (score_json)" in json.dumps(figures)
+
+
+@pytest.mark.slow
+def test_gpu_check_rehearses_on_the_cpu(tmp_path):
+    out = tmp_path / "gpu.json"
+    run_bench(
+        "gpu_check.py",
+        *("--device", "cpu", "--limit", "1000", "--epochs", "1", "--cpu-images", "256"),
+        *("--json", str(out)),
+    )
+    figures = json.loads(out.read_text())
+    assert set(figures["gpu"]) == {"conv", "dense"}
+    for row in figures["gpu"].values():
+        assert 0.0 < row["clustering_accuracy"] <= 1.0
+        assert row["inference_images_per_second"]["cpu"] > 0
