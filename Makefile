@@ -30,7 +30,7 @@ lint: install
 bench: install
 	$(BIN)/python bench/scoring_throughput.py
 	$(BIN)/python bench/throughput.py
-	$(BIN)/python bench/scale_out.py --repeat 5
+	$(BIN)/python bench/scale_out.py
 	$(BIN)/stream-l2ae bench paper --epochs 2 --json runs/paper.json
 
 clean:

@@ -2,11 +2,12 @@
 
 The embedded broker holds a topic with 2 partitions preloaded with Shuttle (``--repeat`` copies).
 Then one ``stream-l2ae serve`` process consumes it, and afterwards two processes in a new group
-do; each figure is records consumed per second from the first consumed record to the last, read
-off the daemons' metrics endpoints. On a 2-core machine the second replica can use the second
+do; each figure is records consumed per second from the first batch to the last record (the
+records of that first batch, read before the clock starts, are not counted), read off the
+daemons' metrics endpoints. On a 2-core machine the second replica can use the second
 core, but it shares it with the broker and the first replica.
 
-Run: ``python bench/scale_out.py [--repeat 2] [--json OUT]``.
+Run: ``python bench/scale_out.py [--repeat 10] [--json OUT]``.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from stream_l2ae.datasets import load_dataset
 from stream_l2ae.detector import L2AEDetector
 
 sys.path.insert(0, str(Path(__file__).parent))
-from throughput import preload  # noqa: E402
+from throughput import preload, timed_rate  # noqa: E402
 
 
 def write_config(
@@ -74,6 +75,7 @@ def run_replicas(
         )
         ports.append(port)
     first = last = None
+    counted_from = 0.0
     try:
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
@@ -85,7 +87,7 @@ def run_replicas(
                     pass
             now = time.monotonic()
             if total > 0 and first is None:
-                first = now
+                first, counted_from = now, total
             if total >= n_records:
                 last = now
                 break
@@ -97,12 +99,12 @@ def run_replicas(
             process.wait(timeout=30)
     if first is None or last is None:
         raise RuntimeError(f"{n_replicas} replica(s) did not finish; see {workdir}")
-    return n_records / (last - first)
+    return timed_rate(n_records, int(counted_from), last - first)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--repeat", type=int, default=10, help="copies of Shuttle to consume")
     parser.add_argument("--json")
     args = parser.parse_args()
     torch.set_num_threads(1)
