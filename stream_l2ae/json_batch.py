@@ -14,8 +14,13 @@ value starts with ``{`` and ends with ``}`` and that the batch holds exactly one
 k-th value (every ``{`` must open one of the objects, since there are exactly as many as
 objects) and closes at its end (the only ``}`` before the next value), so each value is a valid
 object on its own and element k is value k. Anything else -- nested objects, braces inside
-strings, surrounding whitespace, a bad value anywhere -- returns ``None``, and the caller takes
-the record-by-record path, which names every bad record.
+strings, surrounding whitespace, invalid UTF-8, a bad value anywhere -- returns ``None``, and the
+caller takes the record-by-record path, which names every bad record.
+
+Both paths accept the same records with one exception, in fields outside the schema only: there
+the one-pass decoder checks JSON syntax and UTF-8 but not the range of numbers, so a record
+carrying, say, ``"note": 1e400`` next to valid schema fields is scored here, while ``orjson``
+(the record-by-record path) refuses the whole value and it is dead-lettered.
 """
 
 from __future__ import annotations
@@ -76,6 +81,13 @@ class FlatJsonDecoder:
             return None
         if body.count(b"{") != n or body.count(b"}") != n:
             return None
+        if not body.isascii():
+            # msgspec does not check the UTF-8 of the strings it skips; the careful path refuses
+            # invalid UTF-8 anywhere in a value, and both paths must accept the same records.
+            try:
+                body.decode("utf-8")
+            except UnicodeDecodeError:
+                return None
         lengths = np.fromiter(map(len, values), np.int64, n)
         if not lengths.all():
             return None

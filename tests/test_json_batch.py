@@ -56,6 +56,9 @@ def test_clean_records_in_any_key_order_with_extra_fields():
         [b' {"a": 1, "b": 2}'],  # leading space: not provably aligned, so not taken
         [b'{"a": 1, "b": 2, "c": {"d": 1}}'],  # nested object
         [b'{"a": 1, "b": 2, "c": "}"}'],  # brace inside a string
+        [b'{"a": 1, "b": 2, "c": "\xff\xfe"}'],  # invalid UTF-8 in a skipped field
+        [b'{"a": 1, "b": 2, "\xed\xa0\x80": 3}'],  # an encoded surrogate as a key
+        [b'{"a": 1, "b": 2, "c": "\\ud800"}'],  # an escaped lone surrogate
         [],
     ],
 )
@@ -103,6 +106,18 @@ def test_random_splits_never_misalign():
             assert expected is not None, values
             np.testing.assert_array_equal(out, expected)
     assert taken > 50  # the fast path is exercised, not just refused
+
+
+def test_number_range_is_not_checked_in_skipped_fields():
+    # The one documented difference from orjson, which refuses 1e400 anywhere.
+    values = [b'{"a": 1, "b": 2, "note": 1e400}']
+    np.testing.assert_array_equal(FlatJsonDecoder(NAMES).decode(values), [[1.0, 2.0]])
+    assert FlatJsonDecoder(NAMES).decode([b'{"a": 1e400, "b": 2}']) is None
+
+
+def test_valid_utf8_outside_ascii_is_taken():
+    values = ['{"a": 1, "b": 2, "city": "Zürich", "ключ": "значение"}'.encode()]
+    np.testing.assert_array_equal(FlatJsonDecoder(NAMES).decode(values), [[1.0, 2.0]])
 
 
 def test_field_names_that_are_not_identifiers():
