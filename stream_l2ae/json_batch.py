@@ -9,11 +9,12 @@ typed ``msgspec`` decoder: only the schema's fields are read, each must be a num
 Joining values into one array is only sound when the element boundaries of the parse are the
 boundaries between the values; otherwise ``b'{"a": [1'`` and ``b'2]}'`` (both invalid) would
 join into one valid element. :meth:`FlatJsonDecoder.decode` therefore requires that every
-value starts with ``{`` and ends with ``}`` and that the batch holds exactly one ``{`` and one
-``}`` per value. Then the parse can only succeed if the k-th object opens at the start of the
-k-th value (every ``{`` must open one of the objects, since there are exactly as many as
-objects) and closes at its end (the only ``}`` before the next value), so each value is a valid
-object on its own and element k is value k. Anything else -- nested objects, braces inside
+value starts with ``{`` and ends with ``}``, that the batch holds exactly one ``{`` and one
+``}`` per value, and that the parse yields exactly one object per value. Each of those objects
+needs a ``{`` and a ``}`` of its own outside strings, and there are no others, so no brace
+hides in a string: the k-th object opens at the start of the k-th value and closes at its end
+(the only ``}`` before the next value). Each value is then a valid object on its own and
+element k is value k. Anything else -- nested objects, braces inside
 strings, surrounding whitespace, invalid UTF-8, a bad value anywhere -- returns ``None``, and the
 caller takes the record-by-record path, which names every bad record.
 
@@ -65,15 +66,21 @@ class FlatJsonDecoder:
         fields = [
             (f"c{index}", float, msgspec.field(name=name)) for index, name in enumerate(self.names)
         ]
-        # Rows hold only floats, so they cannot form reference cycles: keep them out of the GC.
-        self._row_type = msgspec.defstruct("FlatRecord", fields, gc=False)
-        self._decoder = msgspec.json.Decoder(list[self._row_type])
+        self._decoder: msgspec.json.Decoder | None
+        try:
+            # Rows hold only floats, so they cannot form reference cycles: keep them out of GC.
+            row_type = msgspec.defstruct("FlatRecord", fields, gc=False)
+            self._decoder = msgspec.json.Decoder(list[row_type])
+        except (TypeError, ValueError):
+            # msgspec refuses some names (quotes, backslashes, control characters, repeats):
+            # such schemas always take the record-by-record path.
+            self._decoder = None
         self._braces_in_names = sum(name.count("{") + name.count("}") for name in self.names)
 
     def decode(self, values: Sequence[bytes]) -> np.ndarray | None:
         """The ``(len(values), len(names))`` matrix, or ``None`` if the fast path does not apply."""
         n = len(values)
-        if n == 0 or self._braces_in_names:
+        if n == 0 or self._braces_in_names or self._decoder is None:
             return None
         try:
             body = b",".join(values)
@@ -99,6 +106,8 @@ class FlatJsonDecoder:
         try:
             rows = self._decoder.decode(b"[" + body + b"]")
         except (msgspec.DecodeError, msgspec.ValidationError):
+            return None
+        if len(rows) != n:  # braces inside strings: b'{"a":1,"":"}', b'{"}' parse as one object
             return None
         width = len(self.names)
         cells = chain.from_iterable(map(msgspec.structs.astuple, rows))

@@ -74,6 +74,9 @@ def test_anything_irregular_returns_none(values):
         [b'{"a": 1, "b": "', b'", "c": 0}'],
         [b'{"a": 1, "b": 2', b'"c": 3}', b'{"a": 1, "b": 2}'],
         [b'{"a": 1, "b": 2}]', b'[{"a": 1, "b": 2}'],
+        # Braces inside a string, one per value: joined, these are ONE valid object.
+        [b'{"a":1,"b":2,"":"}', b'{"}'],
+        [b'{"a":1,"b":2,"s":"}', b'{","a":2}'],
     ],
 )
 def test_invalid_values_that_join_into_valid_json_are_refused(values):
@@ -118,6 +121,12 @@ def test_number_range_is_not_checked_in_skipped_fields():
 def test_valid_utf8_outside_ascii_is_taken():
     values = ['{"a": 1, "b": 2, "city": "Zürich", "ключ": "значение"}'.encode()]
     np.testing.assert_array_equal(FlatJsonDecoder(NAMES).decode(values), [[1.0, 2.0]])
+
+
+@pytest.mark.parametrize("names", [['say "hi"', "b"], ["back\\slash"], ["tab\t"], ["a", "a"]])
+def test_names_msgspec_cannot_take_always_decline(names):
+    decoder = FlatJsonDecoder(names)  # no error: these schemas take the careful path
+    assert decoder.decode([orjson.dumps(dict.fromkeys(names, 1))]) is None
 
 
 def test_field_names_that_are_not_identifiers():
