@@ -33,6 +33,9 @@ import msgspec
 import numpy as np
 
 _OPEN, _CLOSE = ord("{"), ord("}")
+#: Values decoded per pass: a chunk's text and rows stay in the CPU cache (large batches decode
+#: about a third slower in one piece).
+CHUNK_VALUES = 8192
 
 
 class FlatJsonDecoder:
@@ -82,6 +85,18 @@ class FlatJsonDecoder:
         n = len(values)
         if n == 0 or self._braces_in_names or self._decoder is None:
             return None
+        if n <= CHUNK_VALUES:
+            return self._decode_chunk(values)
+        out = np.empty((n, len(self.names)), dtype=np.float64)
+        for start in range(0, n, CHUNK_VALUES):
+            chunk = self._decode_chunk(values[start : start + CHUNK_VALUES])
+            if chunk is None:
+                return None
+            out[start : start + len(chunk)] = chunk
+        return out
+
+    def _decode_chunk(self, values: Sequence[bytes]) -> np.ndarray | None:
+        n = len(values)
         try:
             body = b",".join(values)
         except TypeError:  # a None value (tombstone)

@@ -12,7 +12,7 @@ from consumers.processing import BatchScorer, InputBatch
 from stream_l2ae.datasets import load_dataset
 from stream_l2ae.detector import L2AEDetector
 from stream_l2ae.features import FeatureMapper
-from stream_l2ae.json_batch import FlatJsonDecoder
+from stream_l2ae.json_batch import CHUNK_VALUES, FlatJsonDecoder
 
 NAMES = ("a", "b")
 
@@ -109,6 +109,14 @@ def test_random_splits_never_misalign():
             assert expected is not None, values
             np.testing.assert_array_equal(out, expected)
     assert taken > 50  # the fast path is exercised, not just refused
+
+
+def test_large_batches_are_decoded_in_chunks_all_or_nothing():
+    n = CHUNK_VALUES * 2 + 5
+    values = [orjson.dumps({"b": i * 0.5, "a": -i}) for i in range(n)]
+    np.testing.assert_array_equal(FlatJsonDecoder(NAMES).decode(values), reference(values))
+    values[CHUNK_VALUES + 3] = b'{"a": 1, "b": "x"}'  # one bad value in the second chunk
+    assert FlatJsonDecoder(NAMES).decode(values) is None
 
 
 def test_number_range_is_not_checked_in_skipped_fields():
