@@ -1,4 +1,4 @@
-"""Decode a batch of flat numeric JSON records straight into a matrix, in one C-level pass.
+"""Decode a batch of flat numeric JSON records straight into a matrix, in C-level passes.
 
 Stream records are usually small flat objects (``{"temp": 21.5, "rpm": 1200, ...}``). Decoding
 each into a ``dict`` and then reading the fields back costs more than everything after it, so
@@ -14,9 +14,9 @@ value starts with ``{`` and ends with ``}``, that the batch holds exactly one ``
 needs a ``{`` and a ``}`` of its own outside strings, and there are no others, so no brace
 hides in a string: the k-th object opens at the start of the k-th value and closes at its end
 (the only ``}`` before the next value). Each value is then a valid object on its own and
-element k is value k. Anything else -- nested objects, braces inside
-strings, surrounding whitespace, invalid UTF-8, a bad value anywhere -- returns ``None``, and the
-caller takes the record-by-record path, which names every bad record.
+element k is value k. Anything else -- nested objects, braces inside strings, surrounding
+whitespace, invalid UTF-8, a bad value anywhere -- returns ``None``, and the caller takes the
+record-by-record path, which names every bad record.
 
 Both paths accept the same records with one exception, in fields outside the schema only: there
 the one-pass decoder checks JSON syntax and UTF-8 but not the range of numbers, so a record
