@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -27,6 +26,7 @@ import torch
 from consumers.demo import scrape
 from consumers.embedded_broker import EmbeddedBroker, free_port
 from consumers.kafka_io import ensure_topics
+from consumers.serve_process import start_serve, write_serve_config
 from stream_l2ae.datasets import load_dataset
 from stream_l2ae.detector import L2AEDetector
 
@@ -37,13 +37,21 @@ from throughput import preload, timed_rate  # noqa: E402
 def write_config(
     path: Path, bootstrap: str, topic: str, group: str, model_dir: Path, port: int, replica: str
 ) -> None:
-    path.write_text(
-        f'[serve]\ninput_topics = ["{topic}"]\ngroup_id = "{group}"\n'
-        f'alerts_topic = "{topic}-alerts"\ndead_letter_topic = "{topic}-dead"\n'
-        f'model_dir = "{model_dir}"\ncheckpoint_dir = "{path.parent / "ckpt"}"\n'
-        f'metrics_port = {port}\nmetrics_host = "127.0.0.1"\nreplica_id = "{replica}"\n'
-        f'\n[kafka]\nbootstrap_servers = "{bootstrap}"\n'
-        "\n[kafka.consumer]\nsession_timeout_ms = 2000\nheartbeat_interval_ms = 500\n"
+    write_serve_config(
+        path,
+        {
+            "input_topics": [topic],
+            "group_id": group,
+            "alerts_topic": f"{topic}-alerts",
+            "dead_letter_topic": f"{topic}-dead",
+            "model_dir": model_dir,
+            "checkpoint_dir": path.parent / "ckpt",
+            "metrics_port": port,
+            "metrics_host": "127.0.0.1",
+            "replica_id": replica,
+        },
+        {"bootstrap_servers": bootstrap},
+        {"session_timeout_ms": 2000, "heartbeat_interval_ms": 500},
     )
 
 
@@ -56,23 +64,7 @@ def run_replicas(
         port = free_port()
         config = workdir / f"replica-{n_replicas}-{i}.toml"
         write_config(config, bootstrap, topic, group, model_dir, port, f"r{i}")
-        log = open(workdir / f"replica-{n_replicas}-{i}.log", "wb")  # noqa: SIM115
-        processes.append(
-            subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "stream_l2ae.cli",
-                    "--threads",
-                    "1",
-                    "serve",
-                    "--config",
-                    str(config),
-                ],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        )
+        processes.append(start_serve(config, workdir / f"replica-{n_replicas}-{i}.log", threads=1))
         ports.append(port)
     first = last = None
     counted_from = 0.0

@@ -8,7 +8,6 @@ endpoint, and ends with a summary scored against the labels. It stops everything
 
 from __future__ import annotations
 
-import os
 import shutil
 import signal
 import subprocess
@@ -35,6 +34,7 @@ from stream_l2ae.evaluation import precision_recall_at, roc_auc
 from .embedded_broker import EmbeddedBroker, free_port
 from .kafka_io import ensure_topics
 from .produce import produce_dataset
+from .serve_process import start_serve, write_serve_config
 
 DEMO_PARTITIONS = 2
 STREAM_TIMEOUT_S = 900
@@ -56,36 +56,6 @@ def _batch_rate(metrics: dict[str, float]) -> float:
     seconds = metrics.get("stream_l2ae_batch_duration_seconds_sum", 0.0)
     consumed = metrics.get("stream_l2ae_records_consumed_total", 0.0)
     return consumed / seconds if seconds > 0 else float("nan")
-
-
-def _write_config(
-    path: Path,
-    *,
-    bootstrap: str,
-    topics: dict[str, str],
-    model_dir: Path,
-    checkpoint_dir: Path,
-    metrics_port: int,
-) -> None:
-    path.write_text(
-        "[serve]\n"
-        f'input_topics = ["{topics["input"]}"]\n'
-        f'group_id = "demo-{topics["run"]}"\n'
-        f'alerts_topic = "{topics["alerts"]}"\n'
-        f'scores_topic = "{topics["scores"]}"\n'
-        f'dead_letter_topic = "{topics["dead"]}"\n'
-        f'model_dir = "{model_dir}"\n'
-        f'checkpoint_dir = "{checkpoint_dir}"\n'
-        f"metrics_port = {metrics_port}\n"
-        'metrics_host = "127.0.0.1"\n'
-        'replica_id = "demo"\n'
-        "\n[kafka]\n"
-        f'bootstrap_servers = "{bootstrap}"\n'
-        "\n[kafka.consumer]\n"
-        "# Short group timeouts suit a one-machine demo, not production.\n"
-        "session_timeout_ms = 2000\n"
-        "heartbeat_interval_ms = 500\n"
-    )
 
 
 def _read_scores(bootstrap: str, topic: str, expected: int, timeout_s: float) -> dict[int, dict]:
@@ -172,22 +142,25 @@ def run_streaming_demo(
         n_stream = len(shuttle) - n_train
 
         metrics_port = free_port()
-        config = workdir / "demo.toml"
-        _write_config(
-            config,
-            bootstrap=bootstrap_servers,
-            topics=topics,
-            model_dir=model_dir,
-            checkpoint_dir=workdir / "checkpoints",
-            metrics_port=metrics_port,
+        config = write_serve_config(
+            workdir / "demo.toml",
+            {
+                "input_topics": [topics["input"]],
+                "group_id": f"demo-{topics['run']}",
+                "alerts_topic": topics["alerts"],
+                "scores_topic": topics["scores"],
+                "dead_letter_topic": topics["dead"],
+                "model_dir": model_dir,
+                "checkpoint_dir": workdir / "checkpoints",
+                "metrics_port": metrics_port,
+                "metrics_host": "127.0.0.1",
+                "replica_id": "demo",
+            },
+            kafka,
+            # Short group timeouts suit a one-machine demo, not production.
+            {"session_timeout_ms": 2000, "heartbeat_interval_ms": 500},
         )
-        daemon_log = open(workdir / "daemon.log", "wb")  # noqa: SIM115 - closed in finally
-        daemon = subprocess.Popen(
-            [sys.executable, "-m", "stream_l2ae.cli", "serve", "--config", str(config)],
-            stdout=daemon_log,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
+        daemon = start_serve(config, workdir / "daemon.log")
         say(
             f"Daemon started (pid {daemon.pid}); metrics on "
             f"http://127.0.0.1:{metrics_port}/metrics",

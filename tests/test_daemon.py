@@ -15,7 +15,6 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import threading
 import time
 import urllib.request
@@ -35,6 +34,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from consumers.embedded_broker import EmbeddedBroker, free_port
 from consumers.kafka_io import ensure_topics, make_producer
 from consumers.produce import encoded_records, produce_dataset
+from consumers.serve_process import start_serve, write_serve_config
 from stream_l2ae.bundle import latest_version
 from stream_l2ae.datasets import Dataset, load_dataset
 from stream_l2ae.detector import L2AEDetector
@@ -336,33 +336,29 @@ def write_config(
     replica_id: str = "test-replica",
     consumer: Mapping[str, int] | None = None,
 ) -> Path:
-    lines = [
-        "[serve]",
-        f'input_topics = ["{topics.input}"]',
-        f'group_id = "{group}"',
-        f'alerts_topic = "{topics.alerts}"',
-        f'scores_topic = "{topics.scores}"',
-        f'dead_letter_topic = "{topics.dead}"',
-        f'model_dir = "{model_dir}"',
-        f'checkpoint_dir = "{checkpoint_dir}"',
-        "checkpoint_interval_s = 1.0",
-        "model_poll_interval_s = 0.5",
-        f"batch_size = {batch_size}",
-        f"metrics_port = {metrics_port}",
-        'metrics_host = "127.0.0.1"',
-        f'replica_id = "{replica_id}"',
-        'device = "cpu"',
-        "retry_backoff_initial_s = 0.2",
-        "retry_backoff_max_s = 1.0",
-    ]
+    serve = {
+        "input_topics": [topics.input],
+        "group_id": group,
+        "alerts_topic": topics.alerts,
+        "scores_topic": topics.scores,
+        "dead_letter_topic": topics.dead,
+        "model_dir": model_dir,
+        "checkpoint_dir": checkpoint_dir,
+        "checkpoint_interval_s": 1.0,
+        "model_poll_interval_s": 0.5,
+        "batch_size": batch_size,
+        "metrics_port": metrics_port,
+        "metrics_host": "127.0.0.1",
+        "replica_id": replica_id,
+        "device": "cpu",
+        "retry_backoff_initial_s": 0.2,
+        "retry_backoff_max_s": 1.0,
+    }
     if max_record_bytes is not None:
-        lines.append(f"max_record_bytes = {max_record_bytes}")
-    lines += ["", "[kafka]", f'bootstrap_servers = "{bootstrap}"', "", "[kafka.consumer]"]
-    lines += [
-        f"{key} = {value}" for key, value in {**FAST_GROUP_SETTINGS, **(consumer or {})}.items()
-    ]
-    path.write_text("\n".join(lines) + "\n")
-    return path
+        serve["max_record_bytes"] = max_record_bytes
+    return write_serve_config(
+        path, serve, {"bootstrap_servers": bootstrap}, {**FAST_GROUP_SETTINGS, **(consumer or {})}
+    )
 
 
 class Daemon:
@@ -374,14 +370,7 @@ class Daemon:
         self.log_path = log_path
         with open(log_path, "ab") as log_file:
             log_file.write(f"--- daemon started at {time.strftime('%T')}\n".encode())
-            log_file.flush()
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "stream_l2ae.cli", "serve", "--config", str(config)],
-                stdin=subprocess.DEVNULL,
-                stdout=log_file,
-                stderr=subprocess.STDOUT,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
-            )
+        self.process = start_serve(config, log_path)
 
     @property
     def alive(self) -> bool:

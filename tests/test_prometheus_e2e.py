@@ -11,7 +11,6 @@ import json
 import os
 import shutil
 import subprocess
-import threading
 import time
 import urllib.parse
 import urllib.request
@@ -20,13 +19,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from consumers.daemon import ScoringDaemon
 from consumers.embedded_broker import free_port
 from consumers.produce import produce_dataset
 from consumers.settings import ServeSettings
 from stream_l2ae.datasets import Dataset, load_dataset
 from stream_l2ae.detector import L2AEDetector
-from tests.kafka_fixtures import FAST_GROUP_SETTINGS
+from tests.kafka_fixtures import DaemonThread
 
 RULES = Path(__file__).parents[1] / "deploy" / "prometheus" / "rules" / "stream-l2ae.rules.yml"
 
@@ -86,22 +84,11 @@ def daemon(kafka_settings, topic_factory, tmp_path):
         metrics_host="127.0.0.1",
         kafka=kafka_settings,
     )
-    scorer = ScoringDaemon(settings, consumer_overrides=FAST_GROUP_SETTINGS)
-    stop = threading.Event()
-
-    def serve():
-        scorer.metrics_port = scorer.metrics.start_http_server(settings.metrics_port, "127.0.0.1")
-        scorer._load_initial_model()
-        scorer._connect()
-        while not stop.is_set():
-            scorer.step()
-        scorer._shutdown()
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    yield scorer, events, shuttle
-    stop.set()
-    thread.join(timeout=30)
+    server = DaemonThread(settings)
+    server.daemon.metrics.start_http_server(settings.metrics_port, "127.0.0.1")
+    server.start()
+    yield server.daemon, events, shuttle
+    server.finish(timeout=30)
 
 
 @pytest.fixture

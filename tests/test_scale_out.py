@@ -12,6 +12,7 @@ import torch
 from kafka import KafkaConsumer, TopicPartition
 
 from consumers.produce import produce_dataset
+from consumers.serve_process import start_serve, write_serve_config
 from consumers.settings import ServeSettings
 from stream_l2ae.datasets import load_dataset
 from stream_l2ae.detector import L2AEDetector
@@ -111,22 +112,33 @@ def test_three_replicas_score_each_record_once_and_converge(
 def _write_replica_config(
     path, *, kafka_settings, events, scores, state, group, model_dir, replica, port, workdir
 ) -> None:
-    path.write_text(
-        f'[serve]\ninput_topics = ["{events}"]\ngroup_id = "{group}"\nreplica_id = "{replica}"\n'
-        f'alerts_topic = "{events}-alerts"\ndead_letter_topic = "{events}-dead"\n'
-        f'scores_topic = "{scores}"\nstate_topic = "{state}"\nonline_clock = "event_time"\n'
-        f'state_publish_interval_s = 0.5\nmodel_dir = "{model_dir}"\n'
-        f'checkpoint_dir = "{workdir / "ckpt"}"\nmetrics_port = {port}\n'
-        'metrics_host = "127.0.0.1"\nbatch_size = 256\ncheckpoint_interval_s = 1.0\n'
-        f'\n[kafka]\nbootstrap_servers = "{kafka_settings["bootstrap_servers"]}"\n'
-        "\n[kafka.consumer]\nsession_timeout_ms = 2000\nheartbeat_interval_ms = 500\n"
+    write_serve_config(
+        path,
+        {
+            "input_topics": [events],
+            "group_id": group,
+            "replica_id": replica,
+            "alerts_topic": f"{events}-alerts",
+            "dead_letter_topic": f"{events}-dead",
+            "scores_topic": scores,
+            "state_topic": state,
+            "online_clock": "event_time",
+            "state_publish_interval_s": 0.5,
+            "model_dir": model_dir,
+            "checkpoint_dir": workdir / "ckpt",
+            "metrics_port": port,
+            "metrics_host": "127.0.0.1",
+            "batch_size": 256,
+            "checkpoint_interval_s": 1.0,
+        },
+        {"bootstrap_servers": kafka_settings["bootstrap_servers"]},
+        {"session_timeout_ms": 2000, "heartbeat_interval_ms": 500},
     )
 
 
 def test_a_killed_replica_loses_no_record(kafka_settings, topic_factory, model_dir, tmp_path):
     import signal
     import subprocess
-    import sys
 
     from consumers.demo import scrape
     from consumers.embedded_broker import free_port
@@ -151,23 +163,7 @@ def test_a_killed_replica_loses_no_record(kafka_settings, topic_factory, model_d
             port=port,
             workdir=tmp_path,
         )
-        log = open(tmp_path / f"r{i}.log", "wb")  # noqa: SIM115 - the process owns it
-        processes.append(
-            subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "stream_l2ae.cli",
-                    "--threads",
-                    "1",
-                    "serve",
-                    "--config",
-                    str(config),
-                ],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        )
+        processes.append(start_serve(config, tmp_path / f"r{i}.log", threads=1))
         ports.append(port)
 
     def consumed(port: int) -> float:
