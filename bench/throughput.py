@@ -111,8 +111,7 @@ def daemon_settings(
 
 def start_daemon(settings: ServeSettings) -> ScoringDaemon:
     daemon = ScoringDaemon(settings, consumer_overrides=FAST_GROUP)
-    daemon._load_initial_model()
-    daemon._connect()
+    daemon.open()
     return daemon
 
 
@@ -128,7 +127,7 @@ def daemon_consume(settings: ServeSettings, n: int) -> tuple[float, int]:
         alerts = daemon.metrics.registry.get_sample_value("stream_l2ae_alerts_total")
         return rate, int(alerts or 0)
     finally:
-        daemon._shutdown()
+        daemon.close()
 
 
 def latency(
@@ -160,7 +159,7 @@ def latency(
     finally:
         stop.set()
         server.join()
-        daemon._shutdown()
+        daemon.close()
     consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
     tp = TopicPartition(scores_topic, 0)
     consumer.assign([tp])

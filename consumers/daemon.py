@@ -176,15 +176,21 @@ class ScoringDaemon:
             self.metrics_port = self.metrics.start_http_server(s.metrics_port, s.metrics_host)
             log.info("metrics on http://%s:%d/metrics", s.metrics_host, self.metrics_port)
         try:
-            if not self._load_initial_model():
+            if not self.open():
                 return 0
-            self._connect()
             freeze_startup_objects()
             while not self.stopping:
                 self.step()
         finally:
-            self._shutdown()
+            self.close()
         return 0
+
+    def open(self) -> bool:
+        """Load the model in service and join the group; ``False`` when stopped before a model."""
+        if not self._load_initial_model():
+            return False
+        self._connect()
+        return True
 
     def _sleep_backoff(self, reason: str) -> None:
         log.warning("%s; retrying in %.1f s", reason, self._backoff)
@@ -298,7 +304,8 @@ class ScoringDaemon:
                     log.debug("closing client: %s", exc)
         self.consumer = self.producer = None
 
-    def _shutdown(self) -> None:
+    def close(self) -> None:
+        """Commit what was processed, checkpoint, and close the clients."""
         if self.consumer is not None and self._processed:
             try:
                 self._commit_sync(self._processed)

@@ -145,11 +145,10 @@ class DaemonThread:
         self.thread = threading.Thread(target=self.run, daemon=True)
 
     def run(self) -> None:
-        self.daemon._load_initial_model()
-        self.daemon._connect()
+        self.daemon.open()
         while not self.stop.is_set():
             self.daemon.step()
-        self.daemon._shutdown()
+        self.daemon.close()
 
     def start(self) -> DaemonThread:
         self.thread.start()
